@@ -1,0 +1,92 @@
+"""WRN-16-4 (GroupNorm, plain convs) full training step, batch 32, CIFAR-shaped input, float32, 2 CPU threads.
+
+Providers: non-private SGD, fastdp DPSGD, Opacus hooks (GradSampleModule + DPOptimizer), Opacus ghost clipping.
+Every provider builds a fresh model from the same seed and steps on the same random batch. Peak memory is
+measured in a fresh subprocess (see peak_memory.py). Ratios are printed at the end of the session by
+conftest.py. Times are never asserted.
+
+Run: python -m pytest bench/bench_wrn_step.py -q --benchmark-disable-gc -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+
+import pytest
+import torch
+
+import peak_memory as pm
+
+ROUNDS = 10
+WARMUP_ROUNDS = 2
+
+
+def _device_name() -> str:
+    name = platform.processor() or ""
+    if not name:
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return f"cpu ({name})" if name else "cpu"
+
+
+# opacus before fastdp so that every provider's extra_info can hold its speedup vs opacus (the session summary
+# has all ratios whatever the order)
+@pytest.mark.parametrize("provider", ["non-private", "opacus", "opacus-ghost", "fastdp"])
+def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
+    torch.set_num_threads(pm.THREADS)
+    try:
+        step, info = pm.build_step(provider)
+    except pm.Skip as e:
+        bench_skipped[provider] = str(e)
+        pytest.skip(str(e))
+
+    # peak memory first, in a fresh process (nothing of this process' state leaks into it)
+    mem = pm.peak_step_memory_info(provider, steps=3)
+    if "skip" in mem:
+        bench_skipped[provider] = mem["skip"]
+        pytest.skip(mem["skip"])
+
+    benchmark.group = "wrn16-4 step, batch 32, cpu"
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+
+    median = statistics.median(benchmark.stats.stats.data)
+    result = {
+        "device": _device_name(),
+        "threads": torch.get_num_threads(),
+        "batch": pm.BATCH,
+        "rounds": ROUNDS,
+        "median_s": median,
+        "samples_per_s": pm.BATCH / median,
+        "peak_mb": mem["first_mb"],
+        "peak_warm_step_mb": mem["warm_mb"],
+        "hwm_reset": mem["hwm_reset"],
+        **{k: v for k, v in info.items() if k != "provider"},
+    }
+    bench_results[provider] = result
+
+    extra = benchmark.extra_info
+    extra.update(
+        device=result["device"],
+        threads=result["threads"],
+        samples_per_s=round(result["samples_per_s"], 2),
+        peak_memory_mb=round(result["peak_mb"], 1),
+        peak_memory_warm_step_mb=round(result["peak_warm_step_mb"], 1),
+        peak_memory_hwm_reset=result["hwm_reset"],
+    )
+    for k in ("fastdp_api", "opacus_mode"):
+        if k in info:
+            extra[k] = info[k]
+    base = bench_results.get("non-private")
+    if base is not None:
+        extra["ratio_to_non_private"] = round(median / base["median_s"], 3)
+        extra["memory_ratio_to_non_private"] = round(result["peak_mb"] / base["peak_mb"], 3)
+    ref = bench_results.get("opacus")
+    if ref is not None:
+        extra["speedup_vs_opacus"] = round(ref["median_s"] / median, 3)

@@ -1,0 +1,278 @@
+"""Peak CPU memory of one WRN-16-4 training step, per provider, measured in a fresh process.
+
+torch has no allocator statistics on CPU, so the peak is read from the kernel: in a fresh subprocess the model,
+optimizer and data are built, then
+
+* ``first``: RSS (VmRSS) right before the first step is the baseline; the high-water mark (VmHWM) is reset
+  by writing "5" to /proc/self/clear_refs, the ``steps`` steps run, and VmHWM - baseline is the peak increase.
+  This includes what the first step allocates once and keeps (optimizer state, per-layer plans, ...).
+* ``warm``: before every step after the first, VmRSS is read and VmHWM reset; the largest VmHWM - VmRSS-before
+  over those steps is the transient peak of a steady-state step.
+
+The subprocess runs with MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB so that glibc serves tensor buffers with mmap
+and gives them back to the kernel on free (its default dynamic threshold would keep freed step buffers in the
+heap and hide them in the next step's baseline). If clear_refs cannot be written, the HWM is not reset and
+``hwm_reset`` is False in the result (``first`` is then a lower bound only if the pre-step HWM was below the
+step peak).
+
+The step builders live here (``build_step``) so that the benchmark and the memory probe run the same code.
+
+Usage: ``python bench/peak_memory.py PROVIDER [STEPS]`` prints a JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+PROVIDERS = ("non-private", "fastdp", "opacus", "opacus-ghost")
+BATCH = 32
+THREADS = 2
+SEED = 0
+NOISE_MULTIPLIER = 1.0
+MAX_GRAD_NORM = 1.0
+LR = 0.1
+
+
+class Skip(Exception):
+    """The provider cannot run here (the reason is the message)."""
+
+
+# ---------------------------------------------------------------------------------------------- step builders
+def _data(seed: int = SEED):
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(BATCH, 3, 32, 32, generator=g, dtype=torch.float32)
+    y = torch.randint(0, 10, (BATCH,), generator=g)
+    return x, y
+
+
+def _model(seed: int = SEED):
+    import torch
+
+    from fastdp.models import wrn
+
+    torch.manual_seed(seed)
+    return wrn(16, 4, num_classes=10, ws=False)
+
+
+def _fastdp_optimizer(model):
+    """fastdp.DPSGD, else fastdp.optim.DPSGD, else the engine driven by hand (same work as the optimizer)."""
+    import torch
+
+    kwargs = dict(
+        lr=LR, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, expected_batch_size=BATCH, seed=SEED
+    )
+    try:
+        import fastdp
+
+        return fastdp.DPSGD(model, **kwargs), "fastdp.DPSGD"
+    except AttributeError:
+        pass
+    try:
+        from fastdp.optim import DPSGD
+
+        return DPSGD(model, **kwargs), "fastdp.optim.DPSGD"
+    except ImportError:
+        pass
+
+    from fastdp.engine import GradSampleEngine
+
+    eng = GradSampleEngine(model, max_grad_norm=MAX_GRAD_NORM)
+    sgd = torch.optim.SGD(eng.params, lr=LR)
+    gen = torch.Generator().manual_seed(SEED)
+    std = NOISE_MULTIPLIER * MAX_GRAD_NORM
+
+    class _EngineSGD:
+        @torch.no_grad()
+        def step(self):
+            summed, _norms = eng.pop()
+            for p in eng.params:
+                s = summed.get(p)
+                g = torch.zeros_like(p) if s is None else s
+                g = g + std * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                p.grad = g / BATCH
+            sgd.step()
+
+        def zero_grad(self):
+            sgd.zero_grad(set_to_none=True)
+            eng.discard()
+
+    return _EngineSGD(), "fastdp.engine.GradSampleEngine (+ noise + SGD by hand)"
+
+
+def build_step(provider: str, seed: int = SEED):
+    """Build the provider's model, optimizer and data; return (step, info). ``step()`` is one full training step."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(THREADS)
+    x, y = _data(seed)
+    model = _model(seed)
+    model.train()
+    info: dict = {"provider": provider}
+
+    if provider == "non-private":
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+        def step():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    elif provider == "fastdp":
+        opt, api = _fastdp_optimizer(model)
+        info["fastdp_api"] = api
+
+        def step():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    elif provider == "opacus":
+        import opacus
+        from opacus.optimizers import DPOptimizer
+
+        gsm = opacus.GradSampleModule(model)
+        opt = DPOptimizer(
+            torch.optim.SGD(gsm.parameters(), lr=LR),
+            noise_multiplier=NOISE_MULTIPLIER,
+            max_grad_norm=MAX_GRAD_NORM,
+            expected_batch_size=BATCH,
+        )
+        info["opacus_mode"] = "hooks (GradSampleModule + DPOptimizer)"
+
+        def step():
+            loss = F.cross_entropy(gsm(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    elif provider == "opacus-ghost":
+        import warnings
+
+        from torch.utils.data import DataLoader, TensorDataset
+
+        try:
+            from opacus import PrivacyEngine
+
+            loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gsm, opt, criterion, _loader = PrivacyEngine().make_private(
+                    module=model,
+                    optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                    data_loader=loader,
+                    criterion=torch.nn.CrossEntropyLoss(),
+                    noise_multiplier=NOISE_MULTIPLIER,
+                    max_grad_norm=MAX_GRAD_NORM,
+                    grad_sample_mode="ghost",
+                    poisson_sampling=False,
+                )
+        except Exception as e:  # noqa: BLE001
+            raise Skip(f"opacus ghost clipping could not be set up: {type(e).__name__}: {e}") from e
+        if opt.expected_batch_size != BATCH:
+            raise Skip(f"opacus ghost: expected_batch_size {opt.expected_batch_size} != {BATCH}")
+        info["opacus_mode"] = "ghost (PrivacyEngine.make_private + DPLossFastGradientClipping)"
+
+        def step():
+            loss = criterion(gsm(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    else:
+        raise ValueError(f"unknown provider {provider!r}; one of {PROVIDERS}")
+    return step, info
+
+
+# ---------------------------------------------------------------------------------------------- /proc readers
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _measure(provider: str, steps: int) -> dict:
+    import gc
+
+    step, info = build_step(provider)
+    gc.collect()
+    hwm_before_build = _status_kb("VmHWM")
+    rss0 = _status_kb("VmRSS")
+    reset = _reset_hwm()
+    warm = []
+    for k in range(steps):
+        if k > 0:
+            gc.collect()
+            rss_k = _status_kb("VmRSS")
+            reset = _reset_hwm() and reset
+        step()
+        hwm = _status_kb("VmHWM")
+        if k == 0:
+            first_hwm = hwm
+        else:
+            warm.append(hwm - rss_k)
+            first_hwm = max(first_hwm, hwm)
+    return {
+        **info,
+        "steps": steps,
+        "hwm_reset": reset,
+        "rss_before_first_step_mb": rss0 / 1024,
+        "hwm_before_first_step_mb": hwm_before_build / 1024,
+        "first_mb": (first_hwm - rss0) / 1024,
+        "warm_mb": max(warm) / 1024 if warm else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def peak_step_memory_info(provider: str, steps: int = 3, timeout: float = 300.0) -> dict:
+    """Run ``steps`` steps of ``provider`` in a fresh process; return the measurement dict (MB)."""
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    env.setdefault("OMP_NUM_THREADS", str(THREADS))
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), provider, str(steps)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"peak_memory subprocess for {provider!r} failed (rc {proc.returncode}):\n{proc.stderr}")
+    return json.loads(lines[-1])
+
+
+def peak_step_memory(provider: str, steps: int = 3) -> float:
+    """Peak RSS increase (MB) of ``steps`` training steps over the RSS right before the first one."""
+    info = peak_step_memory_info(provider, steps)
+    if "skip" in info:
+        raise Skip(info["skip"])
+    return info["first_mb"]
+
+
+if __name__ == "__main__":
+    _provider = sys.argv[1]
+    _steps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    try:
+        _out = _measure(_provider, _steps)
+    except Skip as e:
+        _out = {"provider": _provider, "skip": str(e)}
+    print(json.dumps(_out))

@@ -1,0 +1,274 @@
+"""The per-example clipping engine: wraps a model's layers, plans them, and clips at the end of each backward.
+
+Each ``loss.backward()`` is one micro-batch. While autograd runs, every wrapped layer's backward returns its
+input gradient and leaves per-parameter ``Contribution``s; when the backward is over (an autograd
+end-of-pass callback) the engine sums the per-example squared norms over all layers, computes the clip
+factors, finishes every layer's clipped sum and adds it to ``summed``. Noise and the division by the expected
+batch size belong to the optimizer step.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from types import MethodType
+
+import torch
+from torch import nn
+
+from fastdp.engine.clipping import get_clipping
+from fastdp.engine.contributions import Contribution, Summed
+from fastdp.rules import fallback_rule, rule_for
+from fastdp.rules.base import LayerCall, LayerFunction, Rule
+
+#: modules that mix the examples of a batch: per-example gradients do not exist for them
+_EXAMPLE_MIXING = (nn.modules.batchnorm._BatchNorm,)
+
+_REDUCTIONS = ("mean", "sum")
+
+
+class GradSampleEngine:
+    """Attach exact per-example clipping to ``model``.
+
+    Args:
+        model: the model; its layers are wrapped in place (``detach()`` restores them).
+        max_grad_norm: the clipping bound C.
+        augmult: augmentation multiplicity K: rows i*K..i*K+K-1 are example i's views; its gradient is their mean.
+        loss_reduction: "mean" if the loss is the mean over the rows of the micro-batch, "sum" if it is their sum.
+        clipping: "flat" (min(1, C/||g||)) or "automatic" (C / (||g|| + clip_gamma)).
+        clip_gamma: the stabiliser of automatic clipping.
+        memory_budget: bytes the plan may hold for the clip step (per-example gradients or layer inputs and
+            output grads), at the micro-batch size it is planned for; None for no limit.
+        strategy: force one strategy on every layer that offers it (testing and benchmarking); None to plan.
+        autotune: plan by timing every candidate once per layer and input shape (on the real input and a
+            random output gradient); False ranks them by the analytic cost model of fastdp.engine.costs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_grad_norm: float,
+        augmult: int = 1,
+        loss_reduction: str = "mean",
+        clipping: str = "flat",
+        clip_gamma: float = 0.01,
+        memory_budget: float | None = None,
+        strategy: str | None = None,
+        autotune: bool = True,
+    ) -> None:
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if int(augmult) != augmult or augmult < 1:
+            raise ValueError(f"augmult must be a positive integer, got {augmult}")
+        if loss_reduction not in _REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {_REDUCTIONS}, got {loss_reduction!r}")
+        self.model = model
+        self.max_grad_norm = float(max_grad_norm)
+        self.augmult = int(augmult)
+        self.loss_reduction = loss_reduction
+        self.clip_fn = get_clipping(clipping)
+        self.clipping = clipping
+        self.clip_gamma = float(clip_gamma)
+        self.memory_budget = memory_budget
+        self.strategy = strategy
+        self.autotune = autotune
+
+        self.summed: dict[nn.Parameter, torch.Tensor] = {}
+        self.norms: list[torch.Tensor] = []
+        self.nonfinite_examples = 0
+        self.plans: dict[nn.Module, tuple[tuple, str]] = {}
+        self._plan_memory: dict[nn.Module, float] = {}
+        self._pass: dict[nn.Parameter, list[Contribution]] | None = None
+        self._pass_rows = 0
+        self._bypass = False
+        self._current_info: dict = {}
+        self._wrapped: list[nn.Module] = []
+        self._hooks: list = []
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._attach(model, prefix="")
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(_leak_guard(name)))
+
+    # ------------------------------------------------------------------ wrapping
+    def _attach(self, module: nn.Module, prefix: str) -> None:
+        if isinstance(module, _EXAMPLE_MIXING):
+            raise ValueError(
+                f"{prefix or 'model'} is a {type(module).__name__}, which mixes the examples of a batch, so "
+                "per-example gradients (and DP-SGD's guarantee) do not exist for it. Replace it, e.g. with "
+                "fastdp.nn.replace_batchnorm(model), which swaps every BatchNorm for a GroupNorm."
+            )
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if own:
+            rule = rule_for(module)
+            if rule is None:
+                rule = fallback_rule
+                warnings.warn(
+                    f"fastdp: {prefix or 'model'} ({type(module).__name__}) has no fast per-example rule; its "
+                    "subtree goes through the exact but slow torch.func fallback.",
+                    stacklevel=3,
+                )
+                self._wrap(module, rule)
+                return
+            self._wrap(module, rule)
+        for name, child in module.named_children():
+            self._attach(child, f"{prefix}.{name}" if prefix else name)
+
+    def _wrap(self, module: nn.Module, rule: Rule) -> None:
+        rule.check(module)
+        engine = self
+
+        def forward(self_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return engine._run(rule, self_module, x)
+
+        module.forward = MethodType(forward, module)
+        self._wrapped.append(module)
+
+    def detach(self) -> None:
+        """Restore the model's original forwards and remove the engine's hooks."""
+        for m in self._wrapped:
+            del m.forward
+        for h in self._hooks:
+            h.remove()
+        self._wrapped, self._hooks = [], []
+
+    def _run(self, rule: Rule, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        params = rule.params(module)
+        if self._bypass or not torch.is_grad_enabled() or not params:
+            return type(module).forward(module, x)
+        if x.dim() == 0 or x.shape[0] % self.augmult:
+            raise ValueError(
+                f"fastdp: a micro-batch of {x.shape[0] if x.dim() else 0} rows is not a whole number of examples "
+                f"with augmult={self.augmult}; pass the K views of every example as consecutive rows."
+            )
+        call = LayerCall(self, rule, module, strategy="")
+        x = rule.prepare(call, x)
+        self._current_info = call.info
+        call.strategy = self._plan(rule, module, x)
+        return LayerFunction.apply(call, x, *params)
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self, rule: Rule, module: nn.Module, x: torch.Tensor) -> str:
+        key = (tuple(x.shape[1:]), x.dtype)
+        cached = self.plans.get(module)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        candidates = rule.strategies(module, x, self.augmult)
+        if self.strategy is not None and self.strategy in candidates:
+            choice = self.strategy
+        else:
+            used = sum(m for mod, m in self._plan_memory.items() if mod is not module)
+            budget = float("inf") if self.memory_budget is None else self.memory_budget
+            fits = {k: c for k, c in candidates.items() if used + c.memory <= budget}
+            if len(fits) > 1 and self.autotune:
+                times = {k: self._measure(rule, module, x, k) for k in fits}
+                choice = min(times, key=times.get)
+            elif fits:
+                choice = min(fits, key=lambda k: fits[k].time)
+            else:
+                choice = min(candidates, key=lambda k: candidates[k].memory)
+        self._plan_memory[module] = candidates[choice].memory
+        self.plans[module] = (key, choice)
+        return choice
+
+    def _measure(self, rule: Rule, module: nn.Module, x: torch.Tensor, strategy: str, repeats: int = 2) -> float:
+        """Seconds for one strategy's backward-side work (norm and clipped sum) on this input."""
+        call = LayerCall(self, rule, module, strategy=strategy, info=dict(self._current_info))
+        with torch.no_grad():
+            out, saved = rule.compute(call, x)
+            grad_out = torch.randn_like(out)
+            best = float("inf")
+            for _ in range(repeats + 1):
+                _synchronize(x.device)
+                start = time.perf_counter()
+                merged = [c for _, c in rule.contributions(call, saved, grad_out, self.augmult)]
+                sq = sum(c.sq_norm() for c in merged)
+                for c in merged:
+                    c.weighted_sum(torch.ones_like(sq))
+                _synchronize(x.device)
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    # ------------------------------------------------------------------ backward
+    def record(self, call: LayerCall, saved, grad_out: torch.Tensor) -> None:
+        """Called from a wrapped layer's backward: collect its contributions for this micro-batch."""
+        try:
+            if call.consumed:
+                raise RuntimeError(
+                    "fastdp: a backward ran twice through the same forward (retain_graph=True?). Each example "
+                    "would be counted twice and the privacy guarantee would be wrong; run a new forward per backward."
+                )
+            call.consumed = True
+            rows = grad_out.shape[0]
+            if self._pass is None:
+                self._pass, self._pass_rows = {}, rows
+                torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+            elif rows != self._pass_rows:
+                raise ValueError(
+                    f"fastdp: layers of one backward saw {self._pass_rows} and {rows} rows. Every wrapped layer "
+                    "must see the micro-batch with examples in dim 0 (no flattening of the batch into other dims)."
+                )
+            for p, c in call.rule.contributions(call, saved, grad_out, self.augmult):
+                self._pass.setdefault(p, []).append(c)
+        except BaseException:
+            self._pass = None
+            raise
+
+    def _finalize(self) -> None:
+        contributions, rows = self._pass, self._pass_rows
+        self._pass = None
+        if not contributions:
+            return
+        K = self.augmult
+        # per-row gradients -> per-example: g_i = scale * sum_k rowgrad_{ik}; the mean over K views and the
+        # loss reduction's 1/rows are folded into one scale applied to norms and clip weights
+        scale = rows / K if self.loss_reduction == "mean" else 1.0 / K
+        merged = {p: cs[0] if len(cs) == 1 else Summed(cs) for p, cs in contributions.items()}
+        sq = sum(c.sq_norm() for c in merged.values())
+        norms = sq.sqrt() * scale
+        factors = self.clip_fn(norms, self.max_grad_norm, self.clip_gamma)
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            # a non-finite example contributes exactly zero: its data is zeroed, not just down-weighted
+            self.nonfinite_examples += int((~finite).sum())
+            factors = torch.where(finite, factors, torch.zeros_like(factors))
+            for c in merged.values():
+                c.drop(finite)
+        weights = factors * scale
+        for p, c in merged.items():
+            s = c.weighted_sum(weights).to(p.dtype).view_as(p)
+            prev = self.summed.get(p)
+            self.summed[p] = s if prev is None else prev + s
+        self.norms.append(norms.detach())
+
+    # ------------------------------------------------------------------ logical batch
+    def pop(self) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
+        """Hand the clipped sums and norms of the logical batch to the optimizer and start a new one."""
+        summed, self.summed = self.summed, {}
+        norms = torch.cat(self.norms) if self.norms else torch.zeros(0)
+        self.norms = []
+        return summed, norms
+
+    def discard(self) -> None:
+        """Forget the clipped sums of the current logical batch (what zero_grad does to ordinary grads)."""
+        self.summed, self.norms = {}, []
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _leak_guard(name: str):
+    def hook(p: torch.Tensor) -> None:
+        # autograd also runs this hook for the None gradients our layers return: only a real one is a leak
+        if p.grad is None:
+            return
+        raise RuntimeError(
+            f"fastdp: parameter {name!r} received an ordinary (non-private) gradient from autograd. It is used "
+            "outside the module that owns it (e.g. F.linear(x, other.weight)); its per-example gradients cannot be "
+            "clipped. Use it through its module, or freeze it (requires_grad=False)."
+        )
+
+    return hook

@@ -1,0 +1,247 @@
+"""DP optimizers: replace your optimizer, keep your training loop.
+
+Each ``loss.backward()`` adds its micro-batch's clipped per-example sum (accumulating micro-batches is virtual
+batching). ``step()`` is the end of a logical batch: it adds N(0, sigma^2 C^2) once to the sum, divides by
+the *expected* batch size (Poisson batches vary; dividing by the realised size would leak it), hands the
+result to the wrapped optimizer as ``.grad`` and records the step with the accountant. A ``step()`` with no
+backward since the last one is an empty Poisson batch: noise only, and it is accounted.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastdp.accounting import PrivacyAccountant, calibrate_noise_multiplier, steps_for_epochs
+from fastdp.backends import resolve_backend
+from fastdp.engine import GradSampleEngine
+from fastdp.noise import GaussianNoise
+
+
+class DPOptimizer(torch.optim.Optimizer):
+    """Wrap any torch optimizer so that it trains ``model`` with DP-SGD's clipped, noised gradients.
+
+    Args:
+        optimizer: the optimizer to wrap (SGD, Adam, ...), built over ``model``'s parameters.
+        model: the model; its layers are wrapped for exact per-example clipping.
+        noise_multiplier: sigma; the noise std is sigma * max_grad_norm. 0 disables privacy (with a warning).
+        max_grad_norm: the clipping bound C.
+        expected_batch_size: B, the expected logical batch size (sample_rate * sample_size with Poisson sampling).
+        sample_size: the number of training examples N; needed for accounting (q = B / N).
+        target_epsilon, target_delta: calibrate sigma instead of giving it (needs sample_size and steps or epochs).
+        steps, epochs: the training length used by the calibration.
+        augmult: augmentation multiplicity K (rows i*K..i*K+K-1 are example i's views; its gradient is their mean).
+        clipping: "flat" or "automatic".
+        clip_gamma: the stabiliser of automatic clipping.
+        loss_reduction: "mean" or "sum", how the loss reduces over the rows of a micro-batch.
+        backend: "auto", "torch", "triton", "cuda" or "cpp" (env FASTDP_BACKEND overrides "auto").
+        accountant: "pld" (default) or "rdp".
+        secure_rng: draw the noise from OS entropy (see fastdp.noise for its cost).
+        seed: seed of the noise generator (ignored with secure_rng).
+        memory_budget: bytes the per-layer plan may hold for the clip step; None for no limit.
+        strategy: force one per-layer strategy everywhere it exists ("keep", "unfold", "ghost"); None to plan.
+        autotune: plan each layer by timing its strategies once per input shape (default) or, if False, by
+            the analytic cost model.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        noise_multiplier: float | None = None,
+        sample_size: int | None = None,
+        target_epsilon: float | None = None,
+        target_delta: float | None = None,
+        steps: int | None = None,
+        epochs: float | None = None,
+        augmult: int = 1,
+        clipping: str = "flat",
+        clip_gamma: float = 0.01,
+        loss_reduction: str = "mean",
+        backend: str = "auto",
+        accountant: str = "pld",
+        secure_rng: bool = False,
+        seed: int | None = None,
+        memory_budget: float | None = None,
+        strategy: str | None = None,
+        autotune: bool = True,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if int(expected_batch_size) != expected_batch_size or expected_batch_size < 1:
+            raise ValueError(f"expected_batch_size must be a positive integer, got {expected_batch_size}")
+        if sample_size is not None and (int(sample_size) != sample_size or sample_size < expected_batch_size):
+            raise ValueError(
+                f"sample_size must be an integer >= expected_batch_size ({expected_batch_size}), got {sample_size}"
+            )
+        self.inner = optimizer
+        self.model = model
+        self.expected_batch_size = int(expected_batch_size)
+        self.sample_size = None if sample_size is None else int(sample_size)
+        self.backend = resolve_backend(backend)
+        self.accountant = PrivacyAccountant(accountant)
+        self.noise_multiplier = self._noise_multiplier(
+            noise_multiplier, target_epsilon, target_delta, steps, epochs, accountant
+        )
+        self.max_grad_norm = float(max_grad_norm)
+        self.noise = GaussianNoise(seed=seed, secure=secure_rng)
+        self.engine = GradSampleEngine(
+            model,
+            max_grad_norm=max_grad_norm,
+            augmult=augmult,
+            loss_reduction=loss_reduction,
+            clipping=clipping,
+            clip_gamma=clip_gamma,
+            memory_budget=memory_budget,
+            strategy=strategy,
+            autotune=autotune,
+        )
+        dp_params = {id(p) for p in self.engine.params}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in dp_params:
+                    raise ValueError(
+                        "the optimizer has a parameter that is not a trainable parameter of `model` "
+                        f"(shape {tuple(p.shape)}); build the optimizer over model.parameters()."
+                    )
+        self.steps_taken = 0
+        self.per_sample_norms = torch.zeros(0)
+        self.examples_last_batch = 0
+
+    # the wrapped optimizer's state is this optimizer's state (LR schedulers read and write param_groups)
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.inner.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.inner.state
+
+    @property
+    def defaults(self):  # type: ignore[override]
+        return self.inner.defaults
+
+    @property
+    def sample_rate(self) -> float | None:
+        """q = expected_batch_size / sample_size (None without sample_size)."""
+        return None if self.sample_size is None else self.expected_batch_size / self.sample_size
+
+    @property
+    def nonfinite_examples(self) -> int:
+        """Examples whose gradient was non-finite and contributed zero, since the start."""
+        return self.engine.nonfinite_examples
+
+    def _noise_multiplier(self, sigma, target_epsilon, target_delta, steps, epochs, mechanism) -> float:
+        if (sigma is None) == (target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier or target_epsilon (with target_delta)")
+        if sigma is not None:
+            if not sigma >= 0 or not math.isfinite(sigma):
+                raise ValueError(f"noise_multiplier must be a finite number >= 0, got {sigma}")
+            if sigma == 0:
+                warnings.warn("fastdp: noise_multiplier=0: no privacy (epsilon is infinite).", stacklevel=3)
+            return float(sigma)
+        if target_delta is None or self.sample_size is None or (steps is None and epochs is None):
+            raise ValueError(
+                "calibrating to target_epsilon needs target_delta, sample_size and steps or epochs; got "
+                f"target_delta={target_delta}, sample_size={self.sample_size}, steps={steps}, epochs={epochs}"
+            )
+        q = self.expected_batch_size / self.sample_size
+        total = steps if steps is not None else steps_for_epochs(epochs, q)
+        return calibrate_noise_multiplier(target_epsilon, target_delta, q, total, mechanism=mechanism)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """End the logical batch: noise once, divide by the expected batch size, update, account."""
+        if closure is not None:
+            raise ValueError(
+                "DPOptimizer.step does not take a closure: re-evaluating the loss would add a second clipped "
+                "sum for the same examples. Call loss.backward() yourself, then step()."
+            )
+        summed, norms = self.engine.pop()
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.engine.params:
+            g = summed.get(p)
+            if g is None:
+                g = torch.zeros_like(p)
+            if std > 0:
+                g = g + std * self.noise.sample(p.shape, p.device, p.dtype)
+            p.grad = g / self.expected_batch_size
+        self.inner.step()
+        self.per_sample_norms = norms
+        self.examples_last_batch = norms.numel()
+        self.steps_taken += 1
+        if self.sample_rate is not None:
+            self.accountant.step(self.sample_rate, self.noise_multiplier)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the parameters' gradients and any clipped sums not yet consumed by step()."""
+        self.inner.zero_grad(set_to_none=set_to_none)
+        self.engine.discard()
+
+    def epsilon(self, delta: float) -> float:
+        """Privacy spent so far, (epsilon, delta)-DP, from the accountant (PLD by default)."""
+        if self.sample_size is None:
+            raise ValueError("epsilon needs sample_size (the training set size) to know the sampling rate")
+        return self.accountant.epsilon(delta)
+
+    def detach(self) -> None:
+        """Restore the model's layers (the optimizer can no longer step)."""
+        self.engine.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.inner.state_dict(),
+            "accountant": self.accountant.state_dict(),
+            "noise": self.noise.state_dict(),
+            "steps_taken": self.steps_taken,
+            "noise_multiplier": self.noise_multiplier,
+            "nonfinite_examples": self.engine.nonfinite_examples,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict["optimizer"])
+        self.accountant.load_state_dict(state_dict["accountant"])
+        self.noise.load_state_dict(state_dict["noise"])
+        self.steps_taken = int(state_dict["steps_taken"])
+        self.noise_multiplier = float(state_dict["noise_multiplier"])
+        self.engine.nonfinite_examples = int(state_dict["nonfinite_examples"])
+
+    def __repr__(self) -> str:
+        return (
+            f"DPOptimizer({type(self.inner).__name__}, sigma={self.noise_multiplier:.4g}, C={self.max_grad_norm}, "
+            f"B={self.expected_batch_size}, N={self.sample_size}, clipping={self.engine.clipping!r})"
+        )
+
+
+class DPSGD(DPOptimizer):
+    """DP-SGD: ``torch.optim.SGD`` (momentum, Nesterov, weight decay) under DPOptimizer.
+
+    Args:
+        model: the model to train (all its trainable parameters are optimised).
+        lr, momentum, nesterov, weight_decay: as torch.optim.SGD.
+        **dp: the DPOptimizer arguments (max_grad_norm, expected_batch_size, noise_multiplier, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        **dp: Any,
+    ) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        sgd = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        super().__init__(sgd, model, **dp)

@@ -1,0 +1,261 @@
+"""nn.Conv1d/2d/3d: per-example weight gradients of a convolution.
+
+After unfolding, a_i is (T, d) with T output positions and d = C_in / groups * prod(kernel), delta_i is (T, p),
+and G_i = delta_i^T a_i as for a linear layer. Strategies (T' = K * T with augmult K):
+
+- ``keep``   per-example gradients from one grouped convolution-backward that treats every example as its
+             own group (batch -> channels), views summed by putting them in the batch dimension; kept until
+             the clip step (memory B * p * d), then a weighted reduction over B. At high resolution this costs
+             about the ordinary weight gradient, which it replaces.
+- ``unfold`` the same kept gradients from unfold + bmm (2D/1D, groups = 1): better at low resolution where the
+             grouped kernels are slow.
+- ``ghost``  ||G_i||^2 from the Gram matrices of unfolded a and delta (2 T'^2 (d + p) per example, chunked),
+             then one ordinary weight-gradient convolution with delta scaled per example (book-keeping).
+             Cheaper than instantiating when 2 T'^2 < p d: the late, low-resolution layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdp.engine import costs
+from fastdp.engine.contributions import Contribution, Kept, accum_dtype, mask_rows
+from fastdp.rules.base import Cost, LayerCall, Rule, compute_dtype, register_rule, trainable
+
+_convolution_backward = torch.ops.aten.convolution_backward
+
+
+def resolve_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Turn any padding configuration into explicit zero padding of the convolution itself.
+
+    Non-zero padding modes and asymmetric 'same' padding are applied to the input with F.pad (under
+    autograd, outside the layer), so the layer is always a plain convolution with symmetric zero padding.
+    """
+    n = len(module.kernel_size)
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * n
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return x, (0,) * n
+        # 'same': total padding d * (k - 1) per dim, the extra element (if odd) goes to the end, as torch does
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        left = tuple(t // 2 for t in totals)
+        if all(t % 2 == 0 for t in totals):
+            return x, left
+        pad: list[int] = []
+        for t, lo in zip(reversed(totals), reversed(left), strict=True):
+            pad += [lo, t - lo]
+        return F.pad(x, pad), (0,) * n
+    return x, tuple(module.padding)
+
+
+class ConvGeometry:
+    """stride / padding / dilation / groups of one call, in the form aten's convolution ops take."""
+
+    def __init__(self, module: nn.modules.conv._ConvNd, padding: tuple[int, ...]) -> None:
+        self.stride = list(module.stride)
+        self.padding = list(padding)
+        self.dilation = list(module.dilation)
+        self.groups = module.groups
+        self.kernel = tuple(module.kernel_size)
+        self.weight_shape = tuple(module.weight.shape)
+
+    def conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        zeros = [0] * len(self.stride)
+        return torch.convolution(x, w, b, self.stride, self.padding, self.dilation, False, zeros, self.groups)
+
+    def grad_input(self, grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._backward(grad_out, x, w, self.groups, (True, False, False))[0]
+
+    def grad_weight(self, grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The ordinary (summed over the batch) weight gradient."""
+        fake_w = x.new_empty(1).expand(self.weight_shape)
+        return self._backward(grad_out, x, fake_w, self.groups, (False, True, False))[1]
+
+    def per_example_grad_weight(self, x: torch.Tensor, d: torch.Tensor, augmult: int) -> torch.Tensor:
+        """(B, *weight_shape) per-example weight gradients, the K views of an example summed.
+
+        Example i becomes its own group (channels B * C_in, groups B * groups); its K views go in the batch
+        dimension, over which the weight gradient sums: (K, B * C_in, *S).
+        """
+        N, cin = x.shape[:2]
+        cout = d.shape[1]
+        B, K = N // augmult, augmult
+        xs = x.view(B, K, cin, *x.shape[2:]).transpose(0, 1).reshape(K, B * cin, *x.shape[2:])
+        ds = d.view(B, K, cout, *d.shape[2:]).transpose(0, 1).reshape(K, B * cout, *d.shape[2:])
+        fake_w = x.new_empty(1).expand(B * cout, *self.weight_shape[1:])
+        gw = self._backward(ds, xs, fake_w, B * self.groups, (False, True, False))[1]
+        return gw.view(B, *self.weight_shape)
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d, T) patches of a 1D or 2D input (groups = 1)."""
+        if x.dim() == 3:
+            x = x.unsqueeze(2)
+            k, dil, pad, st = (1, *self.kernel), (1, *self.dilation), (0, *self.padding), (1, *self.stride)
+        else:
+            k, dil, pad, st = self.kernel, self.dilation, self.padding, self.stride
+        return F.unfold(x, k, dilation=dil, padding=pad, stride=st)
+
+    def _backward(self, grad_out, x, w, groups, mask):
+        zeros = [0] * len(self.stride)
+        return _convolution_backward(
+            grad_out, x, w, None, self.stride, self.padding, self.dilation, False, zeros, groups, list(mask)
+        )
+
+
+def views_as_positions(t: torch.Tensor, augmult: int) -> torch.Tensor:
+    """(N, c, T) -> (B, c, K * T): an example's K views become extra positions."""
+    N, c, T = t.shape
+    if augmult == 1:
+        return t
+    return t.view(N // augmult, augmult, c, T).transpose(1, 2).reshape(N // augmult, c, augmult * T)
+
+
+def unfolded_ghost(a: torch.Tensor, d: torch.Tensor, per_row: bool, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """Ghost norm from unfolded a (B, d, T) and delta (B, p, T).
+
+    Total: sum_{t,s} (a_t . a_s)(delta_t . delta_s) -> (B,).
+    Per output row r (for weight standardisation): sum_{t,s} (a_t . a_s) delta_t[r] delta_s[r] -> (B, p).
+    """
+    B, _, T = a.shape
+    step = max(1, chunk_elems // (T * T))
+    out = []
+    for s in range(0, B, step):
+        ac, dc = a[s : s + step], d[s : s + step]
+        ga = torch.bmm(ac.transpose(1, 2), ac)
+        if per_row:
+            out.append((torch.bmm(dc, ga) * dc).sum(2))
+        else:
+            out.append((ga * torch.bmm(dc.transpose(1, 2), dc)).sum((1, 2)))
+    return torch.cat(out)
+
+
+class ConvBookKeeping(Contribution):
+    """Holds x and delta until the clip factors are known; the clipped sum is one weight-gradient
+    convolution with delta scaled per example."""
+
+    def __init__(self, geom: ConvGeometry, x: torch.Tensor, d: torch.Tensor, sq: torch.Tensor, augmult: int) -> None:
+        self.geom, self.x, self.d, self.sq, self.augmult = geom, x, d, sq, augmult
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.sq
+
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        w = w.to(self.d.dtype).repeat_interleave(self.augmult)
+        return self.geom.grad_weight(self.d * w.view(-1, *([1] * (self.d.dim() - 1))), self.x)
+
+    def instantiate(self) -> torch.Tensor:
+        return self.geom.per_example_grad_weight(self.x, self.d, self.augmult)
+
+    def drop(self, keep: torch.Tensor) -> None:
+        self.x = mask_rows(self.x, keep, self.augmult)
+        self.d = mask_rows(self.d, keep, self.augmult)
+
+
+def conv_strategies(module: nn.modules.conv._ConvNd, x: torch.Tensor, augmult: int) -> dict[str, Cost]:
+    """Cost of each strategy minus the ordinary weight gradient it replaces (FLOP-equivalents, bytes)."""
+    N = x.shape[0]
+    B = N // augmult
+    p = module.out_channels
+    d = module.weight[0].numel()
+    # output positions of this input (stride/dilation/padding as configured; 'same' keeps the size)
+    T = 1
+    for i, size in enumerate(x.shape[2:]):
+        k, s, dil = module.kernel_size[i], module.stride[i], module.dilation[i]
+        pad = module.padding[i] if not isinstance(module.padding, str) else (0 if module.padding == "valid" else None)
+        T *= size if pad is None else (size + 2 * pad - dil * (k - 1) - 1) // s + 1
+    Tk = T * augmult
+    esize = 4
+    wgrad = costs.gemm(p, d, N * T)
+    x_bytes = x[0].numel() * N * esize
+    # grouped per-example convolutions lose efficiency as the per-example GEMM shrinks (fit: ~1x at T = 1024,
+    # ~3x at T = 256, ~8x at T = 64 on the WRN-16-4 layers)
+    grouped_eff = max(1.0, 8.0 * math.sqrt(64.0 / T))
+    kept_bytes = B * p * d * esize
+    out = {"keep": Cost(grouped_eff * wgrad + costs.stream(kept_bytes) - wgrad, kept_bytes)}
+    if len(module.kernel_size) <= 2 and module.groups == 1:
+        unfold_bytes = N * d * T * esize
+        unfold = costs.BMM * wgrad + costs.stream(2 * unfold_bytes + kept_bytes)
+        out["unfold"] = Cost(unfold - wgrad, kept_bytes)
+        ghost = costs.GHOST * 2.0 * B * Tk * Tk * (d + p) + costs.stream(2 * unfold_bytes + N * T * p * esize)
+        out["ghost"] = Cost(ghost, x_bytes + N * T * p * esize)
+    return out
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvRule(Rule):
+    frozen_methods = ("forward", "_conv_forward")
+
+    def prepare(self, call: LayerCall, x: torch.Tensor) -> torch.Tensor:
+        m = call.module
+        n = len(m.kernel_size)
+        if x.dim() != n + 2:
+            raise ValueError(
+                f"fastdp needs batched inputs: {type(m).__name__} expects (N, C, {n} spatial dims), "
+                f"got shape {tuple(x.shape)}"
+            )
+        x, padding = resolve_padding(m, x)
+        call.info["geom"] = ConvGeometry(m, padding)
+        return x
+
+    def strategies(self, module, x, augmult):
+        return conv_strategies(module, x, augmult)
+
+    def compute(self, call: LayerCall, x: torch.Tensor):
+        m = call.module
+        cdt = compute_dtype(x, m.weight)
+        call.info["in_dtype"] = x.dtype
+        xc = x.to(cdt)
+        bias = None if m.bias is None else m.bias.to(cdt)
+        return call.info["geom"].conv(xc, m.weight.to(cdt), bias), (xc,)
+
+    def grad_input(self, call: LayerCall, saved, grad_out: torch.Tensor) -> torch.Tensor:
+        (x,) = saved
+        w = call.module.weight.to(grad_out.dtype)
+        return call.info["geom"].grad_input(grad_out, x, w).to(call.info["in_dtype"])
+
+    def weight_contribution(
+        self, call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool = False
+    ) -> tuple[Contribution, torch.Tensor]:
+        """The weight's contribution and its per-example squared norm, (B,) or per output row (B, p)."""
+        geom: ConvGeometry = call.info["geom"]
+        B = x.shape[0] // augmult
+        if call.strategy == "ghost":
+            a = views_as_positions(geom.unfold(x), augmult)
+            dd = views_as_positions(d.flatten(2), augmult)
+            sq = unfolded_ghost(a, dd, per_row)
+            return ConvBookKeeping(geom, x, d, sq if not per_row else sq.sum(1), augmult), sq
+        if call.strategy == "unfold":
+            a = views_as_positions(geom.unfold(x), augmult)
+            dd = views_as_positions(d.flatten(2), augmult)
+            g = torch.bmm(dd, a.transpose(1, 2)).view(B, *geom.weight_shape)
+        else:
+            g = geom.per_example_grad_weight(x, d, augmult)
+        kept = Kept(g)
+        sq = torch.linalg.vector_norm(g.flatten(2), dim=2).square() if per_row else kept.sq_norm()
+        return kept, sq
+
+    def contributions(self, call: LayerCall, saved: Sequence[torch.Tensor], grad_out: torch.Tensor, augmult: int):
+        m = call.module
+        (x,) = saved
+        acc = accum_dtype(m.weight.dtype)
+        x, d = x.to(acc), grad_out.to(acc)
+        out: list = []
+        for name, p in trainable(m, "weight", "bias"):
+            if name == "bias":
+                out.append((p, Kept(bias_grads(d, augmult).to(p.dtype))))
+            else:
+                contribution, _ = self.weight_contribution(call, x, d, augmult)
+                out.append((p, contribution))
+        return out
+
+
+def bias_grads(d: torch.Tensor, augmult: int) -> torch.Tensor:
+    """Per-example bias gradient: delta summed over positions and views, (B, C_out)."""
+    per_row = d.flatten(2).sum(2)
+    return per_row.view(-1, augmult, per_row.shape[1]).sum(1)

@@ -1,0 +1,140 @@
+"""Weight-standardised convs (fastdp.nn.WSConv2d, ScaledStdConv2d): exact per-example norms through the
+Jacobian of the standardisation, without materialising per-example gradients.
+
+Per output row r (fan-in n): u = (W - mean) / std with std = sqrt(var + eps), W_hat = s u. For g = dL/dW_hat[r]
+(one example), differentiating u gives
+
+    dL/dW[r] = (s / std) * (g - mean(g) - u (g . u) / n)                                    (J^T g)
+
+which holds with or without eps because u is defined with the same std (then ||u||^2 = n var / (var + eps)).
+Expanding the square with sum(u) = 0:
+
+    ||dL/dW[r]||^2 = (s / std)^2 * ( ||g||^2 - (sum g)^2 / n - (g . u)^2 / n * (2 - ||u||^2 / n) ).
+
+The three per-row terms are cheap per example: ||g||^2 per row comes from the conv strategy (ghost or
+instantiated); sum_j G[r, j] = sum_t delta_t[r] * (sum of input patch t), a one-channel convolution;
+g . u = sum_t delta_t[r] * conv(x, u)_t[r], i.e. the layer's own pre-scale output. That same g . u is the
+per-example gradient of the gain (times the constant scale). The clipped sum is J^T (sum_i c_i g_i): the
+Jacobian applied once. Ghost norms of W_hat alone would be wrong for these layers.
+
+The identity subtracts terms, so a row whose gradient lies almost in span(1, u) loses relative precision;
+the result is clamped at 0. Those rows have tiny norms next to the others, so the total is unaffected.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdp.engine.contributions import Contribution, Kept, accum_dtype
+from fastdp.nn.ws_conv import ScaledStdConv2d, WSConv2d, standardize_weight
+from fastdp.rules.base import LayerCall, compute_dtype, register_rule, trainable
+from fastdp.rules.conv import ConvRule, bias_grads
+
+
+class StandardizationJacobian:
+    """J^T for W_hat = s * standardize(W), applied to gradients shaped (..., C_out, *fan_in)."""
+
+    def __init__(self, u: torch.Tensor, std: torch.Tensor, s: torch.Tensor) -> None:
+        self.u = u.flatten(1)  # (p, n)
+        self.n = self.u.shape[1]
+        self.factor = s / std  # (p,)
+
+    def apply(self, g: torch.Tensor) -> torch.Tensor:
+        shape = g.shape  # (..., C_out, C_in / groups, kh, kw): the weight is 4-D
+        g = g.reshape(*shape[:-3], -1)
+        gu = (g * self.u).sum(-1, keepdim=True)
+        out = g - g.mean(-1, keepdim=True) - self.u * gu / self.n
+        return (out * self.factor.unsqueeze(-1)).reshape(shape)
+
+    def sq_norms(self, row_sq: torch.Tensor, row_sum: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+        """Per-example ||J^T g||^2 from per-row ||g||^2, sum(g), g . u, each (B, p)."""
+        u_sq = self.u.square().sum(1)
+        inner = row_sq - row_sum.square() / self.n - gu.square() / self.n * (2.0 - u_sq / self.n)
+        return (self.factor.square() * inner.clamp_min(0.0)).sum(1)
+
+
+class WSWeight(Contribution):
+    """The raw weight's contribution: the conv contribution w.r.t. W_hat seen through J^T."""
+
+    def __init__(self, inner: Contribution, jac: StandardizationJacobian, sq: torch.Tensor) -> None:
+        self.inner, self.jac, self.sq = inner, jac, sq
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.sq
+
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        return self.jac.apply(self.inner.weighted_sum(w))
+
+    def instantiate(self) -> torch.Tensor:
+        return self.jac.apply(self.inner.instantiate())
+
+    def drop(self, keep: torch.Tensor) -> None:
+        self.inner.drop(keep)
+
+
+@register_rule(WSConv2d, ScaledStdConv2d)
+class WSConvRule(ConvRule):
+    frozen_methods = ("forward", "_conv_forward", "standardized_weight", "row_scale")
+
+    def compute(self, call: LayerCall, x: torch.Tensor):
+        m = call.module
+        geom = call.info["geom"]
+        cdt = compute_dtype(x, m.weight)
+        call.info["in_dtype"] = x.dtype
+        u, std = standardize_weight(m.weight.detach(), m.eps)
+        s = m.row_scale().detach()
+        w_hat = u * s.view(-1, 1, 1, 1)
+        call.info.update(u=u, std=std, s=s, w_hat=w_hat)
+        xc = x.to(cdt)
+        bias = None if m.bias is None else m.bias.to(cdt)
+        if call.strategy == "ghost":
+            # g . u comes from the pre-scale output, so keep it: conv(x, u) then scale per channel
+            out_u = geom.conv(xc, u.to(cdt))
+            out = out_u * s.to(cdt).view(1, -1, 1, 1)
+            if bias is not None:
+                out = out + bias.view(1, -1, 1, 1)
+            return out, (xc, out_u)
+        return geom.conv(xc, w_hat.to(cdt), bias), (xc,)
+
+    def grad_input(self, call: LayerCall, saved, grad_out: torch.Tensor) -> torch.Tensor:
+        w_hat = call.info["w_hat"].to(grad_out.dtype)
+        return call.info["geom"].grad_input(grad_out, saved[0], w_hat).to(call.info["in_dtype"])
+
+    def contributions(self, call: LayerCall, saved, grad_out: torch.Tensor, augmult: int):
+        m = call.module
+        acc = accum_dtype(m.weight.dtype)
+        x, d = saved[0].to(acc), grad_out.to(acc)
+        N, p = d.shape[:2]
+        B = N // augmult
+        info = call.info
+        u = info["u"].to(acc)
+        jac = StandardizationJacobian(u, info["std"].to(acc), info["s"].to(acc))
+        inner, row_sq = self.weight_contribution(call, x, d, augmult, per_row=True)
+        if isinstance(inner, Kept):
+            g = inner.grads.flatten(2)
+            row_sum, gu = g.sum(2), (g * u.flatten(1)).sum(2)
+        else:
+            gu = (d * saved[1].to(acc)).flatten(2).sum(2).view(B, augmult, p).sum(1)
+            row_sum = self._row_sums(call, x, d).view(B, augmult, p).sum(1)
+        out: list = []
+        for name, param in trainable(m, "weight", "gain", "bias"):
+            if name == "weight":
+                out.append((param, WSWeight(inner, jac, jac.sq_norms(row_sq, row_sum, gu))))
+            elif name == "gain":
+                out.append((param, Kept((gu * m.scale).view(B, *param.shape).to(param.dtype))))
+            else:
+                out.append((param, Kept(bias_grads(d, augmult).to(param.dtype))))
+        return out
+
+    @staticmethod
+    def _row_sums(call: LayerCall, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Per-row sum_j G[r, j] = sum_t delta_t[r] * (sum of input patch t over its group's channels), (N, p)."""
+        geom = call.info["geom"]
+        g = geom.groups
+        N, cin = x.shape[:2]
+        p = d.shape[1]
+        xs = x.view(N, g, cin // g, *x.shape[2:]).sum(2)
+        ones = x.new_ones(g, 1, *geom.kernel)
+        zeros = [0] * len(geom.stride)
+        ps = torch.convolution(xs, ones, None, geom.stride, geom.padding, geom.dilation, False, zeros, g)
+        return (d.view(N, g, p // g, -1) * ps.view(N, g, 1, -1)).sum(3).view(N, p)

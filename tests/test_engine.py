@@ -1,0 +1,186 @@
+"""Every rule and plan strategy against the float64 per-example loop (tests/conftest.py::reference)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import reduce_rows, reference, row_loss
+from models import MODELS, Conv2dNet, SharedNet
+
+from fastdp.engine import GradSampleEngine
+
+
+def run_engine(model, batches, *, max_grad_norm, augmult=1, reduction="mean", strategy=None, clipping="flat", dtype=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eng = GradSampleEngine(
+            model, max_grad_norm=max_grad_norm, augmult=augmult, loss_reduction=reduction,
+            strategy=strategy, clipping=clipping,
+        )
+    for x, t in batches:
+        reduce_rows(row_loss(model(x), t), reduction).backward()
+    summed, norms = eng.pop()
+    named = dict(model.named_parameters())
+    eng.detach()
+    return {n: summed[p] for n, p in named.items() if p in summed}, norms
+
+
+def split(x, t, sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append((x[start : start + s], t[start : start + s]))
+        start += s
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("strategy", [None, "keep", "unfold", "ghost"])
+@pytest.mark.parametrize("augmult", [1, 3])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_rules_match_float64_loop(name, strategy, augmult, reduction):
+    torch.manual_seed(hash((name, strategy, augmult, reduction)) % 2**31)
+    model = MODELS[name]()
+    examples = 5
+    x, t = MODELS[name].inputs(examples * augmult)
+    ref, ref_norms = reference(model, x, t, max_grad_norm=float("inf"), augmult=augmult)
+    # clip about half of the examples: C at the median norm
+    C = ref_norms.median().item()
+    ref, _ = reference(model, x, t, max_grad_norm=C, augmult=augmult)
+    sizes = [2 * augmult, 3 * augmult]  # two micro-batches in one logical batch
+    got, norms = run_engine(model, split(x, t, sizes), max_grad_norm=C, augmult=augmult, reduction=reduction,
+                            strategy=strategy)
+    assert (ref_norms > C).any() and (ref_norms < C).any()
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=2e-5, atol=1e-7)
+    assert set(got) == set(ref), "every trainable parameter gets a clipped sum"
+    for n in ref:
+        torch.testing.assert_close(got[n].double(), ref[n], rtol=2e-5, atol=2e-6 * ref[n].abs().max().item(), msg=n)
+
+
+@pytest.mark.parametrize("name", ["conv2d", "ws", "seq"])
+def test_float64_model_is_exact(name):
+    torch.manual_seed(1)
+    model = MODELS[name]().double()
+    x, t = MODELS[name].inputs(4)
+    x = x.double() if x.is_floating_point() else x
+    ref, ref_norms = reference(model, x, t.double(), max_grad_norm=0.3)
+    got, norms = run_engine(model, [(x, t.double())], max_grad_norm=0.3)
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=1e-12)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
+
+
+def test_automatic_clipping():
+    torch.manual_seed(2)
+    model = Conv2dNet()
+    x, t = Conv2dNet.inputs(4)
+    ref, _ = reference(model, x, t, max_grad_norm=0.5, clipping="automatic", gamma=0.01)
+    got, _ = run_engine(model, [(x, t)], max_grad_norm=0.5, clipping="automatic")
+    for n in ref:
+        torch.testing.assert_close(got[n].double(), ref[n], rtol=2e-5, atol=1e-7)
+
+
+def test_bf16_autocast_error_within_twice_plain_torch():
+    """Under bf16 autocast our norms are as close to float64 as plain torch's bf16 per-example gradients."""
+    torch.manual_seed(3)
+    model = Conv2dNet()
+    x, t = Conv2dNet.inputs(4)
+    _, ref_norms = reference(model, x, t, max_grad_norm=float("inf"))
+    plain = copy.deepcopy(model)
+    torch_norms = []
+    for i in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = row_loss(plain(x[i : i + 1]), t[i : i + 1]).sum()
+        grads = torch.autograd.grad(loss, list(plain.parameters()))
+        torch_norms.append(torch.sqrt(sum(g.double().square().sum() for g in grads)))
+    torch_err = (torch.stack(torch_norms) - ref_norms).abs().max().item()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eng = GradSampleEngine(model, max_grad_norm=1e9, loss_reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = row_loss(model(x), t).sum()
+    loss.backward()
+    _, norms = eng.pop()
+    assert norms.dtype == torch.float32
+    ours = (norms.double() - ref_norms).abs().max().item()
+    assert ours <= 2 * torch_err + 1e-6 * ref_norms.max().item(), (ours, torch_err)
+
+
+def test_nonfinite_example_contributes_zero():
+    torch.manual_seed(4)
+    model = Conv2dNet()
+    x, t = Conv2dNet.inputs(4)
+    x_bad = x.clone()
+    x_bad[2, 0, 0, 0] = float("nan")
+    keep = [0, 1, 3]
+    ref, _ = reference(model, x[keep], t[keep], max_grad_norm=0.5)
+    eng = GradSampleEngine(model, max_grad_norm=0.5, loss_reduction="sum")
+    row_loss(model(x_bad), t).sum().backward()
+    summed, norms = eng.pop()
+    assert eng.nonfinite_examples == 1 and not torch.isfinite(norms[2])
+    for n, p in model.named_parameters():
+        assert torch.isfinite(summed[p]).all()
+        torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=1e-7)
+
+
+def test_fallback_warns_once_and_names_module():
+    with pytest.warns(UserWarning, match=r"gain \(Gain\).*torch.func"):
+        GradSampleEngine(SharedNet(), max_grad_norm=1.0)
+
+
+def test_batchnorm_is_refused_with_the_fix():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"1 is a BatchNorm2d.*replace_batchnorm"):
+        GradSampleEngine(model, max_grad_norm=1.0)
+    from fastdp.nn import replace_batchnorm
+
+    GradSampleEngine(replace_batchnorm(model), max_grad_norm=1.0)
+
+
+def test_backward_twice_through_one_forward_is_refused():
+    model = Conv2dNet()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    x, t = Conv2dNet.inputs(2)
+    loss = row_loss(model(x), t).mean()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_parameter_used_outside_its_module_is_refused():
+    class Leaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 3)
+            self.b = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.b(x) + torch.nn.functional.linear(x, self.a.weight)
+
+    model = Leaky()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match=r"'a.weight' received an ordinary"):
+        model(torch.randn(2, 3)).sum().backward()
+
+
+def test_augmult_rows_must_divide():
+    model = Conv2dNet()
+    GradSampleEngine(model, max_grad_norm=1.0, augmult=2)
+    x, t = Conv2dNet.inputs(3)
+    with pytest.raises(ValueError, match="augmult=2"):
+        row_loss(model(x), t).mean().backward()
+
+
+def test_no_grad_forward_and_detach_restore_plain_model():
+    torch.manual_seed(5)
+    model = Conv2dNet()
+    plain = copy.deepcopy(model)
+    eng = GradSampleEngine(model, max_grad_norm=1.0)
+    x, _ = Conv2dNet.inputs(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x))
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-6)
+    eng.detach()
+    assert "forward" not in vars(model.c1)
