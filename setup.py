@@ -20,11 +20,11 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"fastdp.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "dp-accounting>=0.4"],
+    install_requires=["torch>=2.4", "numpy", "dp-accounting>=0.4", "scikit-learn"],
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark", "opacus>=1.5", "scikit-learn"],
         "train": ["scikit-learn", "tqdm", "matplotlib"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["fastdp-train = fastdp.train:main"]},
 )

@@ -53,7 +53,9 @@ _SIGMA_CEILING = 2.0**20
 
 def _check_mechanism(mechanism: str) -> str:
     if not isinstance(mechanism, str) or mechanism.lower() not in MECHANISMS:
-        raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}. Use 'pld' (tight, default) or 'rdp'.")
+        raise ValueError(
+            f"mechanism must be one of {MECHANISMS}, got {mechanism!r}. Use 'pld' (tight, default) or 'rdp'."
+        )
     return mechanism.lower()
 
 
@@ -329,7 +331,7 @@ def calibrate_noise_multiplier(
     """
     eps_target = float(target_epsilon)
     if not (0.0 < eps_target < math.inf):
-        raise ValueError(f"target_epsilon must be > 0 (and finite), got {target_epsilon!r}.")
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}; it must also be finite.")
     delta = _check_delta(target_delta, "target_delta")
     q = _check_sample_rate(sample_rate, allow_zero=False)
     steps = _check_count(steps, "steps", 1)

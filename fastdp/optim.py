@@ -207,6 +207,7 @@ class DPOptimizer(torch.optim.Optimizer):
             "steps_taken": self.steps_taken,
             "noise_multiplier": self.noise_multiplier,
             "nonfinite_examples": self.engine.nonfinite_examples,
+            "plans": self.engine.plan_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -216,6 +217,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.steps_taken = int(state_dict["steps_taken"])
         self.noise_multiplier = float(state_dict["noise_multiplier"])
         self.engine.nonfinite_examples = int(state_dict["nonfinite_examples"])
+        self.engine.load_plan_state(state_dict["plans"])
 
     def __repr__(self) -> str:
         return (

@@ -23,7 +23,9 @@ class PoissonSampler(Sampler[list[int]]):
     Use it as a ``batch_sampler`` of a ``torch.utils.data.DataLoader`` or directly with
     :func:`fastdp.data.logical_batches`. Empty batches are yielded as empty lists: an empty batch is a genuine
     outcome of Poisson sampling and the optimizer must still take its (noise-only) step for the privacy
-    guarantee to hold, so a training loop must not skip them.
+    guarantee to hold, so a training loop must not skip them. Note that torch's ``default_collate`` raises
+    ``IndexError`` on an empty batch: with a ``DataLoader`` pass a ``collate_fn`` that returns 0-row tensors
+    for it (tests of the loader in use should include an empty batch), or use ``logical_batches``.
 
     Each ``iter(sampler)`` is one pass of ``steps`` batches; passes continue the same random stream.
 

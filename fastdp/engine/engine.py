@@ -190,6 +190,18 @@ class GradSampleEngine:
                 best = min(best, time.perf_counter() - start)
         return best
 
+    def plan_state(self) -> dict[str, tuple]:
+        """The chosen strategies by module name, so that a resumed run computes exactly the same way."""
+        names = {m: n for n, m in self.model.named_modules()}
+        return {names[m]: (list(key[0]), str(key[1]), choice) for m, (key, choice) in self.plans.items()}
+
+    def load_plan_state(self, state: dict[str, tuple]) -> None:
+        modules = dict(self.model.named_modules())
+        for name, (shape, dtype, choice) in state.items():
+            if name not in modules:
+                raise KeyError(f"saved plan names module {name!r}, which this model does not have")
+            self.plans[modules[name]] = ((tuple(shape), getattr(torch, dtype.removeprefix("torch."))), choice)
+
     # ------------------------------------------------------------------ backward
     def record(self, call: LayerCall, saved, grad_out: torch.Tensor) -> None:
         """Called from a wrapped layer's backward: collect its contributions for this micro-batch."""

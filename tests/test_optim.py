@@ -1,0 +1,179 @@
+"""DPSGD / DPOptimizer: clipped sum against the float64 loop, noise statistics, accounting, state, errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import reference, row_loss
+from models import Conv2dNet, WSNet
+
+import fastdp
+from fastdp.accounting import compute_epsilon
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+@pytest.mark.parametrize("augmult", [1, 2])
+def test_dpsgd_gradient_is_clipped_sum_over_expected_batch(micro, augmult):
+    torch.manual_seed(10 + micro + augmult)
+    model = WSNet()
+    B, expected = 6, 8
+    x, t = WSNet.inputs(B * augmult)
+    _, norms = reference(model, x, t, float("inf"), augmult)
+    C = norms.median().item()
+    ref, _ = reference(model, x, t, C, augmult)
+    with pytest.warns(UserWarning, match="noise_multiplier=0"):
+        opt = fastdp.DPSGD(model, lr=0.1, momentum=0.9, noise_multiplier=0.0, max_grad_norm=C,
+                           expected_batch_size=expected, augmult=augmult)
+    rows = B * augmult // micro
+    for i in range(micro):
+        sl = slice(i * rows, (i + 1) * rows)
+        row_loss(model(x[sl]), t[sl]).mean().backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        r = ref[n] / expected  # float32 summation order: errors scale with the tensor's largest entry
+        torch.testing.assert_close(p.grad.double(), r, rtol=2e-5, atol=2e-6 * r.abs().max().item())
+    torch.testing.assert_close(opt.per_sample_norms.double(), norms, rtol=2e-5, atol=1e-8)
+
+
+def test_dpoptimizer_wraps_adam_and_matches_manual_update():
+    torch.manual_seed(11)
+    model = Conv2dNet()
+    twin = copy.deepcopy(model)
+    x, t = Conv2dNet.inputs(4)
+    ref, _ = reference(model, x, t, 0.7)
+    with pytest.warns(UserWarning):
+        opt = fastdp.DPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model, noise_multiplier=0.0,
+                                 max_grad_norm=0.7, expected_batch_size=4)
+    row_loss(model(x), t).mean().backward()
+    opt.step()
+    adam = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    for n, p in twin.named_parameters():
+        p.grad = (ref[n] / 4).float()
+    adam.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _noise_model():
+    # 1000 x 1000 weights with zero inputs: every per-example gradient is exactly 0, so the update is noise only
+    return torch.nn.Linear(1000, 1000, bias=False)
+
+
+@pytest.mark.parametrize("micro_batches", [0, 1, 4])
+def test_noise_once_per_logical_batch(micro_batches):
+    """Empirical std of grad over 1e6 coordinates is sigma*C/B whatever the number of micro-batches.
+
+    Bounds: the sample mean of n=1e6 N(0, s^2) has std s/1e3, we allow 5 of those; the sample std has relative
+    std 1/sqrt(2n) = 7.1e-4, we allow 5x (3.5e-3). Noise drawn once per micro-batch would give sqrt(4)x.
+    """
+    model = _noise_model()
+    sigma, C, B = 2.0, 0.5, 10
+    opt = fastdp.DPSGD(model, lr=1.0, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=B,
+                       sample_size=1000, seed=123)
+    for _ in range(micro_batches):
+        model(torch.zeros(3, 1000)).sum().backward()
+    opt.step()
+    g = model.weight.grad.double().flatten()
+    s = sigma * C / B
+    assert g.numel() >= 1_000_000
+    assert abs(g.mean().item()) < 5 * s / math.sqrt(g.numel())
+    assert abs(g.std().item() / s - 1) < 5 / math.sqrt(2 * g.numel())
+    assert opt.accountant.steps == 1  # an empty batch is a step for the accountant too
+
+
+def test_epsilon_goes_through_the_accountant_and_calibration_meets_target():
+    model = Conv2dNet()
+    opt = fastdp.DPSGD(model, lr=0.1, target_epsilon=2.0, target_delta=1e-5, sample_size=1000,
+                       expected_batch_size=50, steps=20, max_grad_norm=1.0)
+    sigma = opt.noise_multiplier
+    for _ in range(20):
+        opt.step()
+    eps = opt.epsilon(1e-5)
+    assert eps == pytest.approx(compute_epsilon(sigma, 0.05, 20, 1e-5), rel=1e-9)
+    assert eps <= 2.0
+
+
+def test_nonfinite_example_never_reaches_parameters():
+    torch.manual_seed(12)
+    model = Conv2dNet()
+    opt = fastdp.DPSGD(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, seed=0)
+    x, t = Conv2dNet.inputs(4)
+    x[1] = float("inf")
+    row_loss(model(x), t).mean().backward()
+    opt.step()
+    assert opt.nonfinite_examples == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _train(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(4, 3, 8, 8, generator=g)
+        t = torch.randn(4, 3, generator=g)
+        row_loss(model(x), t).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_state_dict_round_trip_continues_identically():
+    torch.manual_seed(13)
+    kw = dict(lr=0.1, momentum=0.9, noise_multiplier=1.3, max_grad_norm=1.0, expected_batch_size=4,
+              sample_size=100, seed=7)
+    model = Conv2dNet()
+    opt = fastdp.DPSGD(model, **kw)
+    _train(model, opt, 2, seed=0)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, 3, seed=1)
+
+    resumed = Conv2dNet()
+    resumed.load_state_dict(saved_model)
+    opt2 = fastdp.DPSGD(resumed, **{**kw, "seed": 999})
+    opt2.load_state_dict(saved_opt)
+    _train(resumed, opt2, 3, seed=1)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert opt2.epsilon(1e-5) == opt.epsilon(1e-5)
+
+
+def test_secure_rng_noise_statistics():
+    """OS-entropy noise: same bounds as above on 1e6 coordinates."""
+    model = _noise_model()
+    opt = fastdp.DPSGD(model, lr=1.0, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1, secure_rng=True)
+    opt.step()
+    g = model.weight.grad.double().flatten()
+    assert abs(g.mean().item()) < 5 / math.sqrt(g.numel())
+    assert abs(g.std().item() - 1) < 5 / math.sqrt(2 * g.numel())
+
+
+def test_argument_errors_are_clear():
+    model = Conv2dNet()
+    with pytest.raises(ValueError, match="exactly one of noise_multiplier or target_epsilon"):
+        fastdp.DPSGD(model, lr=0.1, max_grad_norm=1.0, expected_batch_size=4)
+    with pytest.raises(ValueError, match="needs target_delta, sample_size"):
+        fastdp.DPSGD(model, lr=0.1, max_grad_norm=1.0, expected_batch_size=4, target_epsilon=1.0)
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        fastdp.DPSGD(Conv2dNet(), lr=0.1, max_grad_norm=0.0, expected_batch_size=4, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="backend 'cuda' was requested but is not available"):
+        fastdp.DPSGD(Conv2dNet(), lr=0.1, max_grad_norm=1.0, expected_batch_size=4, noise_multiplier=1.0,
+                     backend="cuda")
+    opt = fastdp.DPSGD(Conv2dNet(), lr=0.1, max_grad_norm=1.0, expected_batch_size=4, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="does not take a closure"):
+        opt.step(lambda: 0.0)
+    with pytest.raises(ValueError, match="needs sample_size"):
+        opt.epsilon(1e-5)
+    other = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="not a trainable parameter of `model`"):
+        fastdp.DPOptimizer(torch.optim.SGD(other.parameters(), lr=0.1), Conv2dNet(), max_grad_norm=1.0,
+                           expected_batch_size=4, noise_multiplier=1.0)
+
+
+def test_lr_scheduler_works_with_dp_optimizer():
+    model = Conv2dNet()
+    opt = fastdp.DPSGD(model, lr=1.0, max_grad_norm=1.0, expected_batch_size=4, noise_multiplier=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.5
