@@ -10,6 +10,7 @@ Run: python -m pytest bench/bench_wrn_step.py -q --benchmark-disable-gc -p no:ca
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 
@@ -64,7 +65,8 @@ def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
         "rounds": ROUNDS,
         "median_s": median,
         "samples_per_s": pm.BATCH / median,
-        "peak_mb": mem["first_mb"],
+        "peak_mb": mem["peak_mb"],
+        "peak_first_step_mb": mem["first_step_mb"],
         "peak_warm_step_mb": mem["warm_mb"],
         "hwm_reset": mem["hwm_reset"],
         **{k: v for k, v in info.items() if k != "provider"},
@@ -77,7 +79,9 @@ def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
         threads=result["threads"],
         samples_per_s=round(result["samples_per_s"], 2),
         peak_memory_mb=round(result["peak_mb"], 1),
+        peak_memory_first_step_mb=round(result["peak_first_step_mb"], 1),
         peak_memory_warm_step_mb=round(result["peak_warm_step_mb"], 1),
+        loadavg_1min=round(os.getloadavg()[0], 2),
         peak_memory_hwm_reset=result["hwm_reset"],
     )
     for k in ("fastdp_api", "opacus_mode"):

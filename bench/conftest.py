@@ -6,6 +6,7 @@ The ratios (to non-private, speedup vs opacus) are computed from the medians of 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -36,7 +37,7 @@ def summary_lines(results: dict[str, dict], skipped: dict[str, str]) -> list[str
     ref = results.get("opacus")
     header = (
         f"{'provider':<14} {'median ms':>10} {'samples/s':>10} {'x non-private':>14} {'speedup vs opacus':>18} "
-        f"{'peak MB':>9} {'mem x non-private':>18}"
+        f"{'peak MB':>9} {'mem x non-private':>18} {'1st-step MB':>12}"
     )
     lines = [header, "-" * len(header)]
     names = [p for p in ORDER if p in results] + [p for p in results if p not in ORDER]
@@ -49,7 +50,8 @@ def summary_lines(results: dict[str, dict], skipped: dict[str, str]) -> list[str
         mem_ratio = peak / base["peak_mb"] if (base and peak is not None and base.get("peak_mb")) else None
         lines.append(
             f"{p:<14} {med * 1e3:>10.1f} {r['samples_per_s']:>10.1f} {_fmt(ratio, '>14.2f')} "
-            f"{_fmt(speedup, '>18.2f')} {_fmt(peak, '>9.1f')} {_fmt(mem_ratio, '>18.2f')}"
+            f"{_fmt(speedup, '>18.2f')} {_fmt(peak, '>9.1f')} {_fmt(mem_ratio, '>18.2f')} "
+            f"{_fmt(r.get('peak_first_step_mb'), '>12.1f')}"
         )
     for p, why in skipped.items():
         lines.append(f"{p:<14} skipped: {why}")
@@ -69,8 +71,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             f"{RESULTS.get('fastdp', {}).get('fastdp_api', 'n/a')}"
         )
         tr.write_line(
-            "peak MB = peak RSS increase over RSS right before the first step (fresh subprocess, 3 steps, "
-            "VmHWM reset via clear_refs); warm-step peak in extra_info"
+            "peak MB = steady-state step's peak RSS (VmHWM, reset via clear_refs) over RSS right before the first "
+            "step, fresh subprocess, 3 steps; 1st-step MB = same for the first step (incl. one-time work)"
+        )
+        la = os.getloadavg()
+        tr.write_line(
+            f"load average at end (1/5/15 min): {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} on {os.cpu_count()} CPUs "
+            "(timings are only comparable on an otherwise idle machine)"
         )
     for line in summary_lines(RESULTS, SKIPPED):
         tr.write_line(line)

@@ -3,17 +3,20 @@
 torch has no allocator statistics on CPU, so the peak is read from the kernel: in a fresh subprocess the model,
 optimizer and data are built, then
 
-* ``first``: RSS (VmRSS) right before the first step is the baseline; the high-water mark (VmHWM) is reset
-  by writing "5" to /proc/self/clear_refs, the ``steps`` steps run, and VmHWM - baseline is the peak increase.
-  This includes what the first step allocates once and keeps (optimizer state, per-layer plans, ...).
-* ``warm``: before every step after the first, VmRSS is read and VmHWM reset; the largest VmHWM - VmRSS-before
-  over those steps is the transient peak of a steady-state step.
+before every step VmRSS is read and the high-water mark (VmHWM) is reset by writing "5" to
+/proc/self/clear_refs; after the step VmHWM is read. With rss0 = VmRSS right before the first step:
+
+* ``peak_mb`` (what ``peak_step_memory`` returns): max over steps 2..steps of VmHWM - rss0, the steady-state
+  step's peak over the state before training (it counts what the steps keep, such as optimizer buffers, and the
+  step's transient peak, but not one-time work of the first step such as fastdp's per-layer autotuning);
+* ``first_step_mb``: VmHWM - rss0 of the first step alone (with the one-time work);
+* ``warm_mb``: max over steps 2..steps of VmHWM - VmRSS-right-before-that-step (transient only).
 
 The subprocess runs with MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB so that glibc serves tensor buffers with mmap
 and gives them back to the kernel on free (its default dynamic threshold would keep freed step buffers in the
 heap and hide them in the next step's baseline). If clear_refs cannot be written, the HWM is not reset and
-``hwm_reset`` is False in the result (``first`` is then a lower bound only if the pre-step HWM was below the
-step peak).
+``hwm_reset`` is False in the result and the numbers are only valid if the HWM before the steps was below
+their peaks.
 
 The step builders live here (``build_step``) so that the benchmark and the memory probe run the same code.
 
@@ -212,32 +215,34 @@ def _reset_hwm() -> bool:
 def _measure(provider: str, steps: int) -> dict:
     import gc
 
+    if steps < 2:
+        raise ValueError("steps must be >= 2 (one first step, at least one steady-state step)")
     step, info = build_step(provider)
     gc.collect()
-    hwm_before_build = _status_kb("VmHWM")
+    hwm_before = _status_kb("VmHWM")
     rss0 = _status_kb("VmRSS")
-    reset = _reset_hwm()
-    warm = []
-    for k in range(steps):
-        if k > 0:
-            gc.collect()
-            rss_k = _status_kb("VmRSS")
-            reset = _reset_hwm() and reset
+    reset = True
+    hwm, rss_before = [], []
+    for _ in range(steps):
+        gc.collect()
+        rss_before.append(_status_kb("VmRSS"))
+        reset = _reset_hwm() and reset
         step()
-        hwm = _status_kb("VmHWM")
-        if k == 0:
-            first_hwm = hwm
-        else:
-            warm.append(hwm - rss_k)
-            first_hwm = max(first_hwm, hwm)
+        hwm.append(_status_kb("VmHWM"))
     return {
         **info,
         "steps": steps,
         "hwm_reset": reset,
         "rss_before_first_step_mb": rss0 / 1024,
-        "hwm_before_first_step_mb": hwm_before_build / 1024,
-        "first_mb": (first_hwm - rss0) / 1024,
-        "warm_mb": max(warm) / 1024 if warm else float("nan"),
+        "hwm_before_first_step_mb": hwm_before / 1024,
+        # primary: steady-state step peak over the RSS right before the first step (persistent state the steps
+        # created, e.g. optimizer buffers and plans, plus the step's transient peak); excludes one-time work of
+        # the first step (fastdp's autotuning, lazy initialisation)
+        "peak_mb": (max(hwm[1:]) - rss0) / 1024,
+        # the first step alone (includes the one-time work)
+        "first_step_mb": (hwm[0] - rss0) / 1024,
+        # transient only: steady-state step peak over the RSS right before that step
+        "warm_mb": max(h - r for h, r in zip(hwm[1:], rss_before[1:])) / 1024,
     }
 
 
@@ -265,7 +270,7 @@ def peak_step_memory(provider: str, steps: int = 3) -> float:
     info = peak_step_memory_info(provider, steps)
     if "skip" in info:
         raise Skip(info["skip"])
-    return info["first_mb"]
+    return info["peak_mb"]
 
 
 if __name__ == "__main__":

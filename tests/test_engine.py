@@ -13,12 +13,16 @@ from models import MODELS, Conv2dNet, SharedNet
 from fastdp.engine import GradSampleEngine
 
 
-def run_engine(model, batches, *, max_grad_norm, augmult=1, reduction="mean", strategy=None, clipping="flat", dtype=None):
+def run_engine(model, batches, *, max_grad_norm, augmult=1, reduction="mean", strategy=None, clipping="flat"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eng = GradSampleEngine(
-            model, max_grad_norm=max_grad_norm, augmult=augmult, loss_reduction=reduction,
-            strategy=strategy, clipping=clipping,
+            model,
+            max_grad_norm=max_grad_norm,
+            augmult=augmult,
+            loss_reduction=reduction,
+            strategy=strategy,
+            clipping=clipping,
         )
     for x, t in batches:
         reduce_rows(row_loss(model(x), t), reduction).backward()
@@ -50,8 +54,9 @@ def test_rules_match_float64_loop(name, strategy, augmult, reduction):
     C = ref_norms.median().item()
     ref, _ = reference(model, x, t, max_grad_norm=C, augmult=augmult)
     sizes = [2 * augmult, 3 * augmult]  # two micro-batches in one logical batch
-    got, norms = run_engine(model, split(x, t, sizes), max_grad_norm=C, augmult=augmult, reduction=reduction,
-                            strategy=strategy)
+    got, norms = run_engine(
+        model, split(x, t, sizes), max_grad_norm=C, augmult=augmult, reduction=reduction, strategy=strategy
+    )
     assert (ref_norms > C).any() and (ref_norms < C).any()
     torch.testing.assert_close(norms.double(), ref_norms, rtol=2e-5, atol=1e-7)
     assert set(got) == set(ref), "every trainable parameter gets a clipped sum"
@@ -184,3 +189,21 @@ def test_no_grad_forward_and_detach_restore_plain_model():
     torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-6)
     eng.detach()
     assert "forward" not in vars(model.c1)
+
+
+def test_memory_budget_steers_the_plan():
+    """With no budget the plan may keep per-example gradients; with a zero budget every layer takes the
+    strategy that holds the least memory (and the result stays exact)."""
+    torch.manual_seed(6)
+    model = Conv2dNet()
+    x, t = Conv2dNet.inputs(4)
+    ref, _ = reference(model, x, t, max_grad_norm=0.5)
+    eng = GradSampleEngine(model, max_grad_norm=0.5, memory_budget=0, autotune=False)
+    row_loss(model(x), t).mean().backward()
+    summed, _ = eng.pop()
+    assert any(len(c) > 1 for c in eng.plan_costs.values())
+    for module, (_, choice) in eng.plans.items():
+        costs = eng.plan_costs[module]
+        assert costs[choice].memory == min(c.memory for c in costs.values()), (module, choice)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=2e-6 * ref[n].abs().max().item())

@@ -25,8 +25,15 @@ def test_dpsgd_gradient_is_clipped_sum_over_expected_batch(micro, augmult):
     C = norms.median().item()
     ref, _ = reference(model, x, t, C, augmult)
     with pytest.warns(UserWarning, match="noise_multiplier=0"):
-        opt = fastdp.DPSGD(model, lr=0.1, momentum=0.9, noise_multiplier=0.0, max_grad_norm=C,
-                           expected_batch_size=expected, augmult=augmult)
+        opt = fastdp.DPSGD(
+            model,
+            lr=0.1,
+            momentum=0.9,
+            noise_multiplier=0.0,
+            max_grad_norm=C,
+            expected_batch_size=expected,
+            augmult=augmult,
+        )
     rows = B * augmult // micro
     for i in range(micro):
         sl = slice(i * rows, (i + 1) * rows)
@@ -45,15 +52,20 @@ def test_dpoptimizer_wraps_adam_and_matches_manual_update():
     x, t = Conv2dNet.inputs(4)
     ref, _ = reference(model, x, t, 0.7)
     with pytest.warns(UserWarning):
-        opt = fastdp.DPOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), model, noise_multiplier=0.0,
-                                 max_grad_norm=0.7, expected_batch_size=4)
+        opt = fastdp.DPOptimizer(
+            torch.optim.Adam(model.parameters(), lr=1e-2),
+            model,
+            noise_multiplier=0.0,
+            max_grad_norm=0.7,
+            expected_batch_size=4,
+        )
     row_loss(model(x), t).mean().backward()
     opt.step()
     adam = torch.optim.Adam(twin.parameters(), lr=1e-2)
     for n, p in twin.named_parameters():
         p.grad = (ref[n] / 4).float()
     adam.step()
-    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
@@ -71,8 +83,9 @@ def test_noise_once_per_logical_batch(micro_batches):
     """
     model = _noise_model()
     sigma, C, B = 2.0, 0.5, 10
-    opt = fastdp.DPSGD(model, lr=1.0, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=B,
-                       sample_size=1000, seed=123)
+    opt = fastdp.DPSGD(
+        model, lr=1.0, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=B, sample_size=1000, seed=123
+    )
     for _ in range(micro_batches):
         model(torch.zeros(3, 1000)).sum().backward()
     opt.step()
@@ -86,8 +99,16 @@ def test_noise_once_per_logical_batch(micro_batches):
 
 def test_epsilon_goes_through_the_accountant_and_calibration_meets_target():
     model = Conv2dNet()
-    opt = fastdp.DPSGD(model, lr=0.1, target_epsilon=2.0, target_delta=1e-5, sample_size=1000,
-                       expected_batch_size=50, steps=20, max_grad_norm=1.0)
+    opt = fastdp.DPSGD(
+        model,
+        lr=0.1,
+        target_epsilon=2.0,
+        target_delta=1e-5,
+        sample_size=1000,
+        expected_batch_size=50,
+        steps=20,
+        max_grad_norm=1.0,
+    )
     sigma = opt.noise_multiplier
     for _ in range(20):
         opt.step()
@@ -120,8 +141,9 @@ def _train(model, opt, steps, seed):
 
 def test_state_dict_round_trip_continues_identically():
     torch.manual_seed(13)
-    kw = dict(lr=0.1, momentum=0.9, noise_multiplier=1.3, max_grad_norm=1.0, expected_batch_size=4,
-              sample_size=100, seed=7)
+    kw = dict(
+        lr=0.1, momentum=0.9, noise_multiplier=1.3, max_grad_norm=1.0, expected_batch_size=4, sample_size=100, seed=7
+    )
     model = Conv2dNet()
     opt = fastdp.DPSGD(model, **kw)
     _train(model, opt, 2, seed=0)
@@ -157,8 +179,9 @@ def test_argument_errors_are_clear():
     with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
         fastdp.DPSGD(Conv2dNet(), lr=0.1, max_grad_norm=0.0, expected_batch_size=4, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="backend 'cuda' was requested but is not available"):
-        fastdp.DPSGD(Conv2dNet(), lr=0.1, max_grad_norm=1.0, expected_batch_size=4, noise_multiplier=1.0,
-                     backend="cuda")
+        fastdp.DPSGD(
+            Conv2dNet(), lr=0.1, max_grad_norm=1.0, expected_batch_size=4, noise_multiplier=1.0, backend="cuda"
+        )
     opt = fastdp.DPSGD(Conv2dNet(), lr=0.1, max_grad_norm=1.0, expected_batch_size=4, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="does not take a closure"):
         opt.step(lambda: 0.0)
@@ -166,8 +189,13 @@ def test_argument_errors_are_clear():
         opt.epsilon(1e-5)
     other = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="not a trainable parameter of `model`"):
-        fastdp.DPOptimizer(torch.optim.SGD(other.parameters(), lr=0.1), Conv2dNet(), max_grad_norm=1.0,
-                           expected_batch_size=4, noise_multiplier=1.0)
+        fastdp.DPOptimizer(
+            torch.optim.SGD(other.parameters(), lr=0.1),
+            Conv2dNet(),
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+            noise_multiplier=1.0,
+        )
 
 
 def test_lr_scheduler_works_with_dp_optimizer():

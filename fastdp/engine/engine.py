@@ -78,6 +78,8 @@ class GradSampleEngine:
         self.norms: list[torch.Tensor] = []
         self.nonfinite_examples = 0
         self.plans: dict[nn.Module, tuple[tuple, str]] = {}
+        #: the candidates each plan was chosen from, with their modelled cost (for inspection)
+        self.plan_costs: dict[nn.Module, dict] = {}
         self._plan_memory: dict[nn.Module, float] = {}
         self._pass: dict[nn.Parameter, list[Contribution]] | None = None
         self._pass_rows = 0
@@ -169,6 +171,7 @@ class GradSampleEngine:
             else:
                 choice = min(candidates, key=lambda k: candidates[k].memory)
         self._plan_memory[module] = candidates[choice].memory
+        self.plan_costs[module] = candidates
         self.plans[module] = (key, choice)
         return choice
 

@@ -47,7 +47,12 @@ class WideResNet(nn.Module):
     """
 
     def __init__(
-        self, depth: int = 16, width: int = 4, num_classes: int = 10, ws: bool = True, groups: int = 16,
+        self,
+        depth: int = 16,
+        width: int = 4,
+        num_classes: int = 10,
+        ws: bool = True,
+        groups: int = 16,
         in_channels: int = 3,
     ) -> None:
         super().__init__()

@@ -24,7 +24,9 @@ def replace_batchnorm(model: nn.Module, num_groups: int = 32) -> nn.Module:
     for name, child in model.named_children():
         if isinstance(child, _BATCHNORMS):
             channels = child.num_features
-            gn = nn.GroupNorm(_largest_divisor_at_most(channels, num_groups), channels, eps=child.eps, affine=child.affine)
+            gn = nn.GroupNorm(
+                _largest_divisor_at_most(channels, num_groups), channels, eps=child.eps, affine=child.affine
+            )
             if child.affine:
                 gn.to(device=child.weight.device, dtype=child.weight.dtype)
             setattr(model, name, gn)

@@ -70,7 +70,9 @@ class LinearRule(Rule):
         T = x[0].numel() // d if N else 1
         B, Tk = N // augmult, T * augmult
         esize = 4
-        ghost_time = costs.GHOST * 2.0 * B * Tk * Tk * (d + p) + costs.gemm(p, d, N * T) + costs.stream(N * T * p * esize)
+        ghost_time = (
+            costs.GHOST * 2.0 * B * Tk * Tk * (d + p) + costs.gemm(p, d, N * T) + costs.stream(N * T * p * esize)
+        )
         keep_time = costs.BMM * 2.0 * B * Tk * d * p + costs.stream(B * p * d * esize)
         wgrad = costs.gemm(p, d, N * T)
         return {
@@ -81,7 +83,9 @@ class LinearRule(Rule):
     def compute(self, call: LayerCall, x: torch.Tensor):
         m = call.module
         if x.dim() < 2:
-            raise ValueError(f"fastdp needs a batch dimension: {type(m).__name__} got an input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"fastdp needs a batch dimension: {type(m).__name__} got an input of shape {tuple(x.shape)}"
+            )
         cdt = compute_dtype(x, m.weight)
         call.info["in_dtype"] = x.dtype
         xc = x.to(cdt)
