@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 
-PROVIDERS = ("non-private", "fastdp", "opacus", "opacus-ghost")
+PROVIDERS = ("non-private", "fastdp", "fastdp-nobudget", "opacus", "opacus-ghost")
 BATCH = 32
 THREADS = 2
 SEED = 0
@@ -62,49 +62,14 @@ def _model(seed: int = SEED):
     return wrn(16, 4, num_classes=10, ws=False)
 
 
-def _fastdp_optimizer(model):
-    """fastdp.DPSGD, else fastdp.optim.DPSGD, else the engine driven by hand (same work as the optimizer)."""
-    import torch
+def _fastdp_optimizer(model, memory_budget="auto"):
+    import fastdp
 
     kwargs = dict(
-        lr=LR, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, expected_batch_size=BATCH, seed=SEED
-    )
-    try:
-        import fastdp
-
-        return fastdp.DPSGD(model, **kwargs), "fastdp.DPSGD"
-    except AttributeError:
-        pass
-    try:
-        from fastdp.optim import DPSGD
-
-        return DPSGD(model, **kwargs), "fastdp.optim.DPSGD"
-    except ImportError:
-        pass
-
-    from fastdp.engine import GradSampleEngine
-
-    eng = GradSampleEngine(model, max_grad_norm=MAX_GRAD_NORM)
-    sgd = torch.optim.SGD(eng.params, lr=LR)
-    gen = torch.Generator().manual_seed(SEED)
-    std = NOISE_MULTIPLIER * MAX_GRAD_NORM
-
-    class _EngineSGD:
-        @torch.no_grad()
-        def step(self):
-            summed, _norms = eng.pop()
-            for p in eng.params:
-                s = summed.get(p)
-                g = torch.zeros_like(p) if s is None else s
-                g = g + std * torch.randn(p.shape, generator=gen, dtype=p.dtype)
-                p.grad = g / BATCH
-            sgd.step()
-
-        def zero_grad(self):
-            sgd.zero_grad(set_to_none=True)
-            eng.discard()
-
-    return _EngineSGD(), "fastdp.engine.GradSampleEngine (+ noise + SGD by hand)"
+        lr=LR, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, expected_batch_size=BATCH, seed=SEED,
+        memory_budget=memory_budget,
+    )  # fmt: skip
+    return fastdp.DPSGD(model, **kwargs), "fastdp.DPSGD"
 
 
 def build_step(provider: str, seed: int = SEED):
@@ -127,8 +92,9 @@ def build_step(provider: str, seed: int = SEED):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    elif provider == "fastdp":
-        opt, api = _fastdp_optimizer(model)
+    elif provider in ("fastdp", "fastdp-nobudget"):
+        # "fastdp": the default plan (memory_budget="auto"); "fastdp-nobudget": the plan with no memory limit
+        opt, api = _fastdp_optimizer(model, "auto" if provider == "fastdp" else None)
         info["fastdp_api"] = api
 
         def step():
@@ -242,7 +208,7 @@ def _measure(provider: str, steps: int) -> dict:
         # the first step alone (includes the one-time work)
         "first_step_mb": (hwm[0] - rss0) / 1024,
         # transient only: steady-state step peak over the RSS right before that step
-        "warm_mb": max(h - r for h, r in zip(hwm[1:], rss_before[1:])) / 1024,
+        "warm_mb": max(h - r for h, r in zip(hwm[1:], rss_before[1:], strict=True)) / 1024,
     }
 
 

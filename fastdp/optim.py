@@ -42,8 +42,10 @@ class DPOptimizer(torch.optim.Optimizer):
         accountant: "pld" (default) or "rdp".
         secure_rng: draw the noise from OS entropy (see fastdp.noise for its cost).
         seed: seed of the noise generator (ignored with secure_rng).
-        memory_budget: bytes the per-layer plan may hold for the clip step; None for no limit.
-        strategy: force one per-layer strategy everywhere it exists ("keep", "unfold", "ghost"); None to plan.
+        memory_budget: what the per-layer plan may hold for the clip step: "auto" (each layer at most twice
+            its input), a total in bytes, or None for no limit.
+        strategy: force one per-layer strategy everywhere it exists ("keep", "unfold", "instantiate_bk",
+            "ghost"); None to plan.
         autotune: plan each layer by timing its strategies once per input shape (default) or, if False, by
             the analytic cost model.
     """
@@ -69,7 +71,7 @@ class DPOptimizer(torch.optim.Optimizer):
         accountant: str = "pld",
         secure_rng: bool = False,
         seed: int | None = None,
-        memory_budget: float | None = None,
+        memory_budget: float | str | None = "auto",
         strategy: str | None = None,
         autotune: bool = True,
     ) -> None:

@@ -41,7 +41,7 @@ def split(x, t, sizes):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("strategy", [None, "keep", "unfold", "ghost"])
+@pytest.mark.parametrize("strategy", [None, "keep", "unfold", "instantiate_bk", "unfold_bk", "ghost"])
 @pytest.mark.parametrize("augmult", [1, 3])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_rules_match_float64_loop(name, strategy, augmult, reduction):
@@ -60,8 +60,12 @@ def test_rules_match_float64_loop(name, strategy, augmult, reduction):
     assert (ref_norms > C).any() and (ref_norms < C).any()
     torch.testing.assert_close(norms.double(), ref_norms, rtol=2e-5, atol=1e-7)
     assert set(got) == set(ref), "every trainable parameter gets a clipped sum"
+    # each clipped term has norm <= C and float32 rounds it at ~1e-7 relative, so the sum over `examples` terms
+    # is good to ~examples * C * 1e-7 absolutely, however much the terms cancel
     for n in ref:
-        torch.testing.assert_close(got[n].double(), ref[n], rtol=2e-5, atol=2e-6 * ref[n].abs().max().item(), msg=n)
+        torch.testing.assert_close(
+            got[n].double(), ref[n], rtol=2e-5, atol=2e-6 * examples * C, msg=lambda m, n=n: f"{n}: {m}"
+        )
 
 
 @pytest.mark.parametrize("name", ["conv2d", "ws", "seq"])

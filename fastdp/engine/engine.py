@@ -37,8 +37,9 @@ class GradSampleEngine:
         loss_reduction: "mean" if the loss is the mean over the rows of the micro-batch, "sum" if it is their sum.
         clipping: "flat" (min(1, C/||g||)) or "automatic" (C / (||g|| + clip_gamma)).
         clip_gamma: the stabiliser of automatic clipping.
-        memory_budget: bytes the plan may hold for the clip step (per-example gradients or layer inputs and
-            output grads), at the micro-batch size it is planned for; None for no limit.
+        memory_budget: what the plan may hold for the clip step (per-example gradients, or layer inputs and
+            output grads): "auto" (default) lets each layer hold twice its own input; a number is a total in
+            bytes at the micro-batch size the plan is made for; None is no limit.
         strategy: force one strategy on every layer that offers it (testing and benchmarking); None to plan.
         autotune: plan by timing every candidate once per layer and input shape (on the real input and a
             random output gradient); False ranks them by the analytic cost model of fastdp.engine.costs.
@@ -53,7 +54,7 @@ class GradSampleEngine:
         loss_reduction: str = "mean",
         clipping: str = "flat",
         clip_gamma: float = 0.01,
-        memory_budget: float | None = None,
+        memory_budget: float | str | None = "auto",
         strategy: str | None = None,
         autotune: bool = True,
     ) -> None:
@@ -160,9 +161,7 @@ class GradSampleEngine:
         if self.strategy is not None and self.strategy in candidates:
             choice = self.strategy
         else:
-            used = sum(m for mod, m in self._plan_memory.items() if mod is not module)
-            budget = float("inf") if self.memory_budget is None else self.memory_budget
-            fits = {k: c for k, c in candidates.items() if used + c.memory <= budget}
+            fits = {k: c for k, c in candidates.items() if c.memory <= self._memory_allowance(module, x)}
             if len(fits) > 1 and self.autotune:
                 times = {k: self._measure(rule, module, x, k) for k in fits}
                 choice = min(times, key=times.get)
@@ -174,6 +173,22 @@ class GradSampleEngine:
         self.plan_costs[module] = candidates
         self.plans[module] = (key, choice)
         return choice
+
+    def _memory_allowance(self, module: nn.Module, x: torch.Tensor) -> float:
+        """Bytes this layer's plan may hold for the clip step.
+
+        "auto": twice the layer's own input. Holding a layer's input and output grad (book-keeping) or
+        per-example gradients of that order keeps the DP step's extra memory of the order of the activations
+        the ordinary backward holds anyway; the large per-example gradients of low-resolution, wide layers
+        (B * p * d >> B * T * (C_in + p)) are what it rules out. A number is a total over all layers, spent
+        greedily in forward order; None is no limit.
+        """
+        if self.memory_budget == "auto":
+            return 2.0 * x.numel() * x.element_size()
+        if self.memory_budget is None:
+            return float("inf")
+        used = sum(m for mod, m in self._plan_memory.items() if mod is not module)
+        return self.memory_budget - used
 
     def _measure(self, rule: Rule, module: nn.Module, x: torch.Tensor, strategy: str, repeats: int = 2) -> float:
         """Seconds for one strategy's backward-side work (norm and clipped sum) on this input."""

@@ -9,6 +9,9 @@ and G_i = delta_i^T a_i as for a linear layer. Strategies (T' = K * T with augmu
              about the ordinary weight gradient, which it replaces.
 - ``unfold`` the same kept gradients from unfold + bmm (2D/1D, groups = 1): better at low resolution where the
              grouped kernels are slow.
+- ``instantiate_bk`` / ``unfold_bk``  per-example gradients (grouped / unfold + bmm) only for the norm, then
+             the clipped sum as one weight-gradient convolution with delta scaled per example (book-keeping):
+             one more GEMM than keep, without holding B * p * d.
 - ``ghost``  ||G_i||^2 from the Gram matrices of unfolded a and delta (2 T'^2 (d + p) per example, chunked),
              then one ordinary weight-gradient convolution with delta scaled per example (book-keeping).
              Cheaper than instantiating when 2 T'^2 < p d: the late, low-resolution layers.
@@ -177,13 +180,16 @@ def conv_strategies(module: nn.modules.conv._ConvNd, x: torch.Tensor, augmult: i
     # ~3x at T = 256, ~8x at T = 64 on the WRN-16-4 layers)
     grouped_eff = max(1.0, 8.0 * math.sqrt(64.0 / T))
     kept_bytes = B * p * d * esize
-    out = {"keep": Cost(grouped_eff * wgrad + costs.stream(kept_bytes) - wgrad, kept_bytes)}
+    held_bytes = x_bytes + N * T * p * esize
+    grouped = grouped_eff * wgrad + costs.stream(kept_bytes)
+    out = {"keep": Cost(grouped - wgrad, kept_bytes), "instantiate_bk": Cost(grouped, held_bytes)}
     if len(module.kernel_size) <= 2 and module.groups == 1:
         unfold_bytes = N * d * T * esize
         unfold = costs.BMM * wgrad + costs.stream(2 * unfold_bytes + kept_bytes)
         out["unfold"] = Cost(unfold - wgrad, kept_bytes)
+        out["unfold_bk"] = Cost(unfold, held_bytes)
         ghost = costs.GHOST * 2.0 * B * Tk * Tk * (d + p) + costs.stream(2 * unfold_bytes + N * T * p * esize)
-        out["ghost"] = Cost(ghost, x_bytes + N * T * p * esize)
+        out["ghost"] = Cost(ghost, held_bytes)
     return out
 
 
@@ -221,16 +227,17 @@ class ConvRule(Rule):
 
     def weight_contribution(
         self, call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool = False
-    ) -> tuple[Contribution, torch.Tensor]:
-        """The weight's contribution and its per-example squared norm, (B,) or per output row (B, p)."""
+    ) -> tuple[Contribution, torch.Tensor, torch.Tensor | None]:
+        """The weight's contribution, its per-example squared norm ((B,) or per output row (B, p)) and the
+        per-example gradients if the strategy formed them (None for ghost)."""
         geom: ConvGeometry = call.info["geom"]
         B = x.shape[0] // augmult
         if call.strategy == "ghost":
             a = views_as_positions(geom.unfold(x), augmult)
             dd = views_as_positions(d.flatten(2), augmult)
             sq = unfolded_ghost(a, dd, per_row)
-            return ConvBookKeeping(geom, x, d, sq if not per_row else sq.sum(1), augmult), sq
-        if call.strategy == "unfold":
+            return ConvBookKeeping(geom, x, d, sq if not per_row else sq.sum(1), augmult), sq, None
+        if call.strategy in ("unfold", "unfold_bk"):
             a = views_as_positions(geom.unfold(x), augmult)
             dd = views_as_positions(d.flatten(2), augmult)
             g = torch.bmm(dd, a.transpose(1, 2)).view(B, *geom.weight_shape)
@@ -238,7 +245,10 @@ class ConvRule(Rule):
             g = geom.per_example_grad_weight(x, d, augmult)
         kept = Kept(g)
         sq = torch.linalg.vector_norm(g.flatten(2), dim=2).square() if per_row else kept.sq_norm()
-        return kept, sq
+        if call.strategy in ("instantiate_bk", "unfold_bk"):
+            # the per-example gradients only served the norm; the clipped sum is one scaled GEMM later
+            return ConvBookKeeping(geom, x, d, sq if not per_row else sq.sum(1), augmult), sq, g
+        return kept, sq, g
 
     def contributions(self, call: LayerCall, saved: Sequence[torch.Tensor], grad_out: torch.Tensor, augmult: int):
         m = call.module
@@ -250,7 +260,7 @@ class ConvRule(Rule):
             if name == "bias":
                 out.append((p, Kept(bias_grads(d, augmult).to(p.dtype))))
             else:
-                contribution, _ = self.weight_contribution(call, x, d, augmult)
+                contribution, _, _ = self.weight_contribution(call, x, d, augmult)
                 out.append((p, contribution))
         return out
 

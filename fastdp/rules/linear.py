@@ -9,6 +9,7 @@ Strategies (T' = K*T):
   ||a_i||^2 ||delta_i||^2. The clipped sum is one GEMM with the output grads scaled per example (book-keeping).
 - ``keep``: G_i by bmm (2 T' d p per example), kept until the clip step; the clipped sum is a weighted
   reduction over B. Memory B * p * d.
+- ``instantiate_bk``: G_i by bmm only for the norm, then the book-keeping GEMM; holds a and delta instead.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdp.engine import costs
-from fastdp.engine.contributions import Contribution, Kept, accum_dtype, mask_rows
+from fastdp.engine.contributions import Contribution, Kept, accum_dtype, mask_rows, sq_norms
 from fastdp.rules.base import Cost, LayerCall, Rule, compute_dtype, register_rule, trainable
 
 
@@ -75,9 +76,11 @@ class LinearRule(Rule):
         )
         keep_time = costs.BMM * 2.0 * B * Tk * d * p + costs.stream(B * p * d * esize)
         wgrad = costs.gemm(p, d, N * T)
+        held = N * T * (d + p) * esize
         return {
-            "ghost": Cost(ghost_time - wgrad, N * T * (d + p) * esize),
+            "ghost": Cost(ghost_time - wgrad, held),
             "keep": Cost(keep_time - wgrad, B * p * d * esize),
+            "instantiate_bk": Cost(keep_time, held),
         }
 
     def compute(self, call: LayerCall, x: torch.Tensor):
@@ -108,6 +111,9 @@ class LinearRule(Rule):
                 out.append((p, Kept(d.sum(1).to(p.dtype))))
             elif call.strategy == "keep":
                 out.append((p, Kept(torch.bmm(d.transpose(1, 2), a).to(p.dtype))))
+            elif call.strategy == "instantiate_bk":
+                sq = sq_norms(torch.bmm(d.transpose(1, 2), a))
+                out.append((p, LinearBookKeeping(a, d, sq)))
             else:
                 out.append((p, LinearBookKeeping(a, d, ghost_sq_norms(a, d))))
         return out

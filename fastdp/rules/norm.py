@@ -1,86 +1,115 @@
 """GroupNorm / LayerNorm affine parameters.
 
-The normalisation has no parameters and runs under ordinary autograd; only the affine y = x_hat * w + b goes
-through the engine. Per-example gradients are tiny (B x C): dw_i = sum over positions of delta * x_hat,
-db_i = sum of delta, so they are always instantiated and kept.
+The layer runs as one node that saves exactly what torch's own backward saves (input, mean, rstd), so DP
+costs no extra activation memory. Per-example gradients are tiny (B x C) and always kept:
+
+    GroupNorm: dw_i[c] = rstd_i[g(c)] * (sum_t delta*x - mean_i[g(c)] * sum_t delta),   db_i[c] = sum_t delta
+               (x_hat = (x - mean) * rstd is never materialised: two per-channel reductions suffice)
+    LayerNorm: dw_i = sum over the non-normalised dims of delta * x_hat,                db_i = sum of delta
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastdp.engine.contributions import Kept, accum_dtype
 from fastdp.rules.base import LayerCall, Rule, register_rule, trainable
 
 
-class _AffineRule(Rule):
-    def affine_shape(self, module: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
-        """Shape that broadcasts the affine parameters against x."""
-        raise NotImplementedError
-
-    def compute(self, call: LayerCall, x: torch.Tensor):
-        m = call.module
-        shape = self.affine_shape(m, x)
-        call.info["shape"] = shape
-        out = x
-        if m.weight is not None:
-            out = out * m.weight.to(x.dtype).view(shape)
-        if m.bias is not None:
-            out = out + m.bias.to(x.dtype).view(shape)
-        return out, (x,)
-
-    def grad_input(self, call: LayerCall, saved, grad_out: torch.Tensor) -> torch.Tensor:
-        m = call.module
-        if m.weight is None:
-            return grad_out
-        return grad_out * m.weight.to(grad_out.dtype).view(call.info["shape"])
-
-    def per_row(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over everything but the batch and the parameter's dims: (N, *param.shape)."""
-        raise NotImplementedError
-
-    def contributions(self, call: LayerCall, saved, grad_out: torch.Tensor, augmult: int):
-        m = call.module
-        (x_hat,) = saved
-        acc = accum_dtype(grad_out.dtype)
-        d = grad_out.to(acc)
-        out = []
-        for name, p in trainable(m, "weight", "bias"):
-            rows = self.per_row(m, d * x_hat.to(acc) if name == "weight" else d)
-            per_ex = rows.view(-1, augmult, *rows.shape[1:]).sum(1)
-            out.append((p, Kept(per_ex.to(p.dtype))))
-        return out
+def _norm_dtype(x: torch.Tensor, weight: torch.Tensor | None) -> torch.dtype:
+    # autocast runs normalisations in float32; without it they run in the parameters' dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.float32
+    return x.dtype if weight is None else weight.dtype
 
 
 @register_rule(nn.GroupNorm)
-class GroupNormRule(_AffineRule):
-    def prepare(self, call: LayerCall, x: torch.Tensor) -> torch.Tensor:
+class GroupNormRule(Rule):
+    def compute(self, call: LayerCall, x: torch.Tensor):
         m = call.module
-        return F.group_norm(x, m.num_groups, None, None, m.eps)
+        if x.dim() < 2:
+            raise ValueError(f"fastdp needs a batch dimension: GroupNorm got shape {tuple(x.shape)}")
+        call.info["in_dtype"] = x.dtype
+        xc = x.to(_norm_dtype(x, m.weight)).contiguous()
+        N, C = xc.shape[:2]
+        w = None if m.weight is None else m.weight.to(xc.dtype)
+        b = None if m.bias is None else m.bias.to(xc.dtype)
+        out, mean, rstd = torch.ops.aten.native_group_norm(xc, w, b, N, C, xc[0, 0].numel(), m.num_groups, m.eps)
+        return out, (xc, mean, rstd)
 
-    def affine_shape(self, module, x):
-        return (1, -1) + (1,) * (x.dim() - 2)
+    def grad_input(self, call: LayerCall, saved, grad_out: torch.Tensor) -> torch.Tensor:
+        m = call.module
+        x, mean, rstd = saved
+        N, C = x.shape[:2]
+        w = None if m.weight is None else m.weight.to(x.dtype)
+        gx = torch.ops.aten.native_group_norm_backward(
+            grad_out.to(x.dtype).contiguous(), x, mean, rstd, w, N, C, x[0, 0].numel(), m.num_groups,
+            [True, False, False],
+        )[0]  # fmt: skip
+        return gx.to(call.info["in_dtype"])
 
-    def per_row(self, module, t):
-        return t.flatten(2).sum(2)
+    def contributions(self, call: LayerCall, saved, grad_out: torch.Tensor, augmult: int):
+        m = call.module
+        x, mean, rstd = saved
+        acc = accum_dtype(x.dtype)
+        N, C = x.shape[:2]
+        d = grad_out.to(acc).reshape(N, C, -1)
+        xf = x.to(acc).reshape(N, C, -1)
+        sum_d = d.sum(2)
+        out = []
+        for name, p in trainable(m, "weight", "bias"):
+            if name == "weight":
+                per_group = C // m.num_groups
+                mean_c = mean.to(acc).repeat_interleave(per_group, dim=1)
+                rstd_c = rstd.to(acc).repeat_interleave(per_group, dim=1)
+                sum_dx = torch.linalg.vecdot(d, xf, dim=2)
+                rows = rstd_c * (sum_dx - mean_c * sum_d)
+            else:
+                rows = sum_d
+            out.append((p, Kept(rows.view(-1, augmult, C).sum(1).to(p.dtype))))
+        return out
 
 
 @register_rule(nn.LayerNorm)
-class LayerNormRule(_AffineRule):
-    def prepare(self, call: LayerCall, x: torch.Tensor) -> torch.Tensor:
+class LayerNormRule(Rule):
+    def compute(self, call: LayerCall, x: torch.Tensor):
         m = call.module
-        if x.dim() <= len(m.normalized_shape):
-            raise ValueError(
-                f"fastdp needs a batch dimension: LayerNorm{tuple(m.normalized_shape)} got shape {tuple(x.shape)}"
-            )
-        return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        shape = tuple(m.normalized_shape)
+        if x.dim() <= len(shape):
+            raise ValueError(f"fastdp needs a batch dimension: LayerNorm{shape} got shape {tuple(x.shape)}")
+        call.info["in_dtype"] = x.dtype
+        xc = x.to(_norm_dtype(x, m.weight)).contiguous()
+        w = None if m.weight is None else m.weight.to(xc.dtype)
+        b = None if m.bias is None else m.bias.to(xc.dtype)
+        out, mean, rstd = torch.ops.aten.native_layer_norm(xc, shape, w, b, m.eps)
+        return out, (xc, mean, rstd)
 
-    def affine_shape(self, module, x):
-        return tuple(module.normalized_shape)
+    def grad_input(self, call: LayerCall, saved, grad_out: torch.Tensor) -> torch.Tensor:
+        m = call.module
+        x, mean, rstd = saved
+        w = None if m.weight is None else m.weight.to(x.dtype)
+        b = None if m.bias is None else m.bias.to(x.dtype)
+        gx = torch.ops.aten.native_layer_norm_backward(
+            grad_out.to(x.dtype).contiguous(), x, tuple(m.normalized_shape), mean, rstd, w, b, [True, False, False]
+        )[0]
+        return gx.to(call.info["in_dtype"])
 
-    def per_row(self, module, t):
-        n = len(module.normalized_shape)
-        middle = tuple(range(1, t.dim() - n))
-        return t.sum(middle) if middle else t
+    def contributions(self, call: LayerCall, saved, grad_out: torch.Tensor, augmult: int):
+        m = call.module
+        x, mean, rstd = saved
+        acc = accum_dtype(x.dtype)
+        d = grad_out.to(acc)
+        middle = tuple(range(1, x.dim() - len(m.normalized_shape)))
+
+        def per_row(t: torch.Tensor) -> torch.Tensor:
+            return t.sum(middle) if middle else t
+
+        out = []
+        for name, p in trainable(m, "weight", "bias"):
+            if name == "weight":
+                rows = per_row(d * ((x.to(acc) - mean.to(acc)) * rstd.to(acc)))
+            else:
+                rows = per_row(d)
+            out.append((p, Kept(rows.reshape(-1, augmult, *p.shape).sum(1).to(p.dtype))))
+        return out

@@ -109,9 +109,9 @@ class WSConvRule(ConvRule):
         info = call.info
         u = info["u"].to(acc)
         jac = StandardizationJacobian(u, info["std"].to(acc), info["s"].to(acc))
-        inner, row_sq = self.weight_contribution(call, x, d, augmult, per_row=True)
-        if isinstance(inner, Kept):
-            g = inner.grads.flatten(2)
+        inner, row_sq, per_example = self.weight_contribution(call, x, d, augmult, per_row=True)
+        if per_example is not None:
+            g = per_example.flatten(2)
             row_sum, gu = g.sum(2), (g * u.flatten(1)).sum(2)
         else:
             gu = (d * saved[1].to(acc)).flatten(2).sum(2).view(B, augmult, p).sum(1)
