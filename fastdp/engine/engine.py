@@ -85,7 +85,6 @@ class GradSampleEngine:
         self._pass: dict[nn.Parameter, list[Contribution]] | None = None
         self._pass_rows = 0
         self._bypass = False
-        self._current_info: dict = {}
         self._wrapped: list[nn.Module] = []
         self._hooks: list = []
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -147,12 +146,12 @@ class GradSampleEngine:
             )
         call = LayerCall(self, rule, module, strategy="")
         x = rule.prepare(call, x)
-        self._current_info = call.info
-        call.strategy = self._plan(rule, module, x)
+        call.strategy = self._plan(call, x)
         return LayerFunction.apply(call, x, *params)
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, rule: Rule, module: nn.Module, x: torch.Tensor) -> str:
+    def _plan(self, call: LayerCall, x: torch.Tensor) -> str:
+        rule, module = call.rule, call.module
         key = (tuple(x.shape[1:]), x.dtype)
         cached = self.plans.get(module)
         if cached is not None and cached[0] == key:
@@ -163,7 +162,7 @@ class GradSampleEngine:
         else:
             fits = {k: c for k, c in candidates.items() if c.memory <= self._memory_allowance(module, x)}
             if len(fits) > 1 and self.autotune:
-                times = {k: self._measure(rule, module, x, k) for k in fits}
+                times = {k: self._measure(call, x, k) for k in fits}
                 choice = min(times, key=times.get)
             elif fits:
                 choice = min(fits, key=lambda k: fits[k].time)
@@ -190,9 +189,10 @@ class GradSampleEngine:
         used = sum(m for mod, m in self._plan_memory.items() if mod is not module)
         return self.memory_budget - used
 
-    def _measure(self, rule: Rule, module: nn.Module, x: torch.Tensor, strategy: str, repeats: int = 2) -> float:
+    def _measure(self, planned: LayerCall, x: torch.Tensor, strategy: str, repeats: int = 2) -> float:
         """Seconds for one strategy's backward-side work (norm and clipped sum) on this input."""
-        call = LayerCall(self, rule, module, strategy=strategy, info=dict(self._current_info))
+        rule = planned.rule
+        call = LayerCall(self, rule, planned.module, strategy=strategy, info=dict(planned.info))
         with torch.no_grad():
             out, saved = rule.compute(call, x)
             grad_out = torch.randn_like(out)
