@@ -173,12 +173,13 @@ class DPOptimizer(torch.optim.Optimizer):
         summed, norms = self.engine.pop()
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.engine.params:
+            # the engine's sums are fresh tensors owned by this step, so noise and scaling can go in place
             g = summed.get(p)
             if g is None:
                 g = torch.zeros_like(p)
             if std > 0:
-                g = g + std * self.noise.sample(p.shape, p.device, p.dtype)
-            p.grad = g / self.expected_batch_size
+                g.add_(self.noise.sample(p.shape, p.device, p.dtype), alpha=std)
+            p.grad = g.div_(self.expected_batch_size)
         self.inner.step()
         self.per_sample_norms = norms
         self.examples_last_batch = norms.numel()
