@@ -26,5 +26,5 @@ setup(
         "test": ["pytest", "pytest-benchmark", "opacus>=1.5", "scikit-learn"],
         "train": ["scikit-learn", "tqdm", "matplotlib"],
     },
-    entry_points={"console_scripts": ["fastdp-train = fastdp.train:main"]},
+    entry_points={"console_scripts": ["fastdp-train = fastdp.train:cli"]},
 )

@@ -108,5 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point (``fastdp-train``): exit status 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
