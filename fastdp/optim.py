@@ -45,7 +45,7 @@ class DPOptimizer(torch.optim.Optimizer):
         memory_budget: what the per-layer plan may hold for the clip step: "auto" (each layer at most twice
             its input), a total in bytes, or None for no limit.
         strategy: force one per-layer strategy everywhere it exists ("keep", "unfold", "instantiate_bk",
-            "ghost"); None to plan.
+            "unfold_bk", "ghost"); None to plan.
         autotune: plan each layer by timing its strategies once per input shape (default) or, if False, by
             the analytic cost model.
     """

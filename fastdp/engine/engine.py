@@ -81,7 +81,6 @@ class GradSampleEngine:
         self.plans: dict[nn.Module, tuple[tuple, str]] = {}
         #: the candidates each plan was chosen from, with their modelled cost (for inspection)
         self.plan_costs: dict[nn.Module, dict] = {}
-        self._plan_memory: dict[nn.Module, float] = {}
         self._pass: dict[nn.Parameter, list[Contribution]] | None = None
         self._pass_rows = 0
         self._bypass = False
@@ -168,7 +167,6 @@ class GradSampleEngine:
                 choice = min(fits, key=lambda k: fits[k].time)
             else:
                 choice = min(candidates, key=lambda k: candidates[k].memory)
-        self._plan_memory[module] = candidates[choice].memory
         self.plan_costs[module] = candidates
         self.plans[module] = (key, choice)
         return choice
@@ -186,7 +184,12 @@ class GradSampleEngine:
             return 2.0 * x.numel() * x.element_size()
         if self.memory_budget is None:
             return float("inf")
-        used = sum(m for mod, m in self._plan_memory.items() if mod is not module)
+        # plans restored from a state_dict carry no cost; they were within budget when first made
+        used = sum(
+            self.plan_costs[mod][c].memory
+            for mod, (_, c) in self.plans.items()
+            if mod is not module and mod in self.plan_costs
+        )
         return self.memory_budget - used
 
     def _measure(self, planned: LayerCall, x: torch.Tensor, strategy: str, repeats: int = 2) -> float:
