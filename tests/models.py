@@ -33,7 +33,7 @@ class Conv1dNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.c1 = nn.Conv1d(2, 4, 3, stride=2, dilation=2, padding=2)
-        self.c2 = nn.Conv1d(4, 4, 4, padding="same", padding_mode="circular")
+        self.c2 = nn.Conv1d(4, 4, 4, padding="same", dilation=2, padding_mode="circular")
         self.gn = nn.GroupNorm(2, 4)
         self.fc = nn.Linear(4, 3)
 
@@ -70,10 +70,11 @@ class Conv3dNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.c = nn.Conv3d(2, 3, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.c2 = nn.Conv3d(3, 3, (1, 2, 3), dilation=(1, 2, 1), padding=(0, 1, 2))
         self.fc = nn.Linear(3, 2)
 
     def forward(self, x):
-        return self.fc(torch.tanh(self.c(x)).mean((2, 3, 4)))
+        return self.fc(torch.tanh(self.c2(torch.tanh(self.c(x)))).mean((2, 3, 4)))
 
     @staticmethod
     def inputs(n):
@@ -85,7 +86,7 @@ class WSNet(nn.Module):
         super().__init__()
         self.c1 = WSConv2d(3, 8, 3, padding=1)
         self.c2 = ScaledStdConv2d(8, 8, 3, stride=2, groups=2, gamma=1.7)
-        self.c3 = WSConv2d(8, 4, 1, bias=False)
+        self.c3 = WSConv2d(8, 4, 1, groups=2, bias=False)
         self.fc = nn.Linear(4 * 4 * 4, 3)
 
     def forward(self, x):

@@ -41,7 +41,7 @@ def split(x, t, sizes):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("strategy", [None, "keep", "unfold", "instantiate_bk", "unfold_bk", "ghost"])
+@pytest.mark.parametrize("strategy", [None, "keep", "unfold", "instantiate_bk", "unfold_bk", "ghost", "shifted_ghost"])
 @pytest.mark.parametrize("augmult", [1, 3])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_rules_match_float64_loop(name, strategy, augmult, reduction):

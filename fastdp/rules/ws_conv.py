@@ -28,7 +28,7 @@ import torch
 from fastdp.engine.contributions import Contribution, Kept, accum_dtype
 from fastdp.nn.ws_conv import ScaledStdConv2d, WSConv2d, standardize_weight
 from fastdp.rules.base import LayerCall, compute_dtype, register_rule, trainable
-from fastdp.rules.conv import ConvRule, bias_grads
+from fastdp.rules.conv import GHOST_STRATEGIES, ConvRule, bias_grads
 
 
 class StandardizationJacobian:
@@ -87,7 +87,7 @@ class WSConvRule(ConvRule):
         call.info.update(u=u, std=std, s=s, w_hat=w_hat)
         xc = x.to(cdt)
         bias = None if m.bias is None else m.bias.to(cdt)
-        if call.strategy == "ghost":
+        if call.strategy in GHOST_STRATEGIES:
             # g . u comes from the pre-scale output, so keep it: conv(x, u) then scale per channel
             out_u = geom.conv(xc, u.to(cdt))
             out = out_u * s.to(cdt).view(1, -1, 1, 1)
