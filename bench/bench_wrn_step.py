@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import time
 
 import peak_memory as pm
 import pytest
@@ -38,7 +39,10 @@ def _device_name() -> str:
 
 # opacus before fastdp so that every provider's extra_info can hold its speedup vs opacus (the session summary
 # has all ratios whatever the order)
-@pytest.mark.parametrize("provider", ["non-private", "opacus", "opacus-ghost", "fastdp", "fastdp-nobudget"])
+PROVIDERS = ["non-private", "opacus", "opacus-ghost", "fastdp", "fastdp-nobudget"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
 def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
     torch.set_num_threads(pm.THREADS)
     try:
@@ -47,14 +51,15 @@ def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
         bench_skipped[provider] = str(e)
         pytest.skip(str(e))
 
-    # peak memory first, in a fresh process (nothing of this process' state leaks into it)
-    mem = pm.peak_step_memory_info(provider, steps=3)
+    benchmark.group = "wrn16-4 step, batch 32, cpu"
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+
+    # peak memory in a fresh process (nothing of this process' state leaks into it), running the plan timed here
+    plan = info["plan_state"]() if "plan_state" in info else None
+    mem = pm.peak_step_memory_info(provider, steps=3, plan=plan)
     if "skip" in mem:
         bench_skipped[provider] = mem["skip"]
         pytest.skip(mem["skip"])
-
-    benchmark.group = "wrn16-4 step, batch 32, cpu"
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
 
     median = statistics.median(benchmark.stats.stats.data)
     result = {
@@ -69,8 +74,10 @@ def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
         "peak_first_step_mb": mem["first_step_mb"],
         "peak_warm_step_mb": mem["warm_mb"],
         "hwm_reset": mem["hwm_reset"],
-        **{k: v for k, v in info.items() if k != "provider"},
+        **{k: v for k, v in info.items() if k not in ("provider", "plan", "plan_state")},
     }
+    if "plan" in info:
+        result["plan"] = info["plan"]()
     bench_results[provider] = result
 
     extra = benchmark.extra_info
@@ -84,9 +91,9 @@ def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
         loadavg_1min=round(os.getloadavg()[0], 2),
         peak_memory_hwm_reset=result["hwm_reset"],
     )
-    for k in ("fastdp_api", "opacus_mode"):
-        if k in info:
-            extra[k] = info[k]
+    for k in ("fastdp_api", "opacus_mode", "plan"):
+        if k in result:
+            extra[k] = result[k]
     base = bench_results.get("non-private")
     if base is not None:
         extra["ratio_to_non_private"] = round(median / base["median_s"], 3)
@@ -94,3 +101,48 @@ def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
     ref = bench_results.get("opacus")
     if ref is not None:
         extra["speedup_vs_opacus"] = round(ref["median_s"] / median, 3)
+
+
+def test_wrn16_4_interleaved(benchmark, bench_interleaved):
+    """All providers in one process, taking turns step by step (a different order every round).
+
+    The per-provider tests above time each provider in its own block of rounds, so a drift of the machine's speed
+    between blocks (a shared VM's neighbours) moves their ratios. Here every round times one step of each
+    provider back to back and the ratios are taken within the round; their median is what drift cannot bias.
+    """
+    torch.set_num_threads(pm.THREADS)
+    steps = {}
+    for provider in PROVIDERS:
+        try:
+            steps[provider] = pm.build_step(provider)[0]
+        except pm.Skip:
+            continue
+    for step in steps.values():
+        for _ in range(WARMUP_ROUNDS):
+            step()
+    names = list(steps)
+    times: dict[str, list[float]] = {p: [] for p in names}
+
+    def one_round():
+        k = len(times[names[0]]) % len(names)
+        for p in names[k:] + names[:k]:
+            start = time.perf_counter()
+            steps[p]()
+            times[p].append(time.perf_counter() - start)
+
+    benchmark.group = "wrn16-4 interleaved rounds, batch 32, cpu"
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+
+    out = {"rounds": ROUNDS, "median_ms": {p: statistics.median(t) * 1e3 for p, t in times.items()}}
+    if "non-private" in times:
+        base = times["non-private"]
+        out["x_non_private"] = {
+            p: statistics.median(a / b for a, b in zip(t, base, strict=True)) for p, t in times.items()
+        }
+    if "opacus" in times:
+        ref = times["opacus"]
+        out["speedup_vs_opacus"] = {
+            p: statistics.median(r / a for a, r in zip(t, ref, strict=True)) for p, t in times.items()
+        }
+    bench_interleaved.update(out)
+    benchmark.extra_info.update({k: v for k, v in out.items() if k != "rounds"})

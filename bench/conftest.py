@@ -13,12 +13,19 @@ import pytest
 # provider -> {"median_s", "peak_mb", "device", ...}; filled by the benchmarks, read by the terminal summary
 RESULTS: dict[str, dict] = {}
 SKIPPED: dict[str, str] = {}
+# the interleaved run: {"median_ms": {...}, "x_non_private": {...}, "speedup_vs_opacus": {...}}
+INTERLEAVED: dict = {}
 ORDER = ("non-private", "fastdp", "fastdp-nobudget", "opacus", "opacus-ghost")
 
 
 @pytest.fixture(scope="session")
 def bench_results() -> dict[str, dict]:
     return RESULTS
+
+
+@pytest.fixture(scope="session")
+def bench_interleaved() -> dict:
+    return INTERLEAVED
 
 
 @pytest.fixture(scope="session")
@@ -56,11 +63,14 @@ def summary_lines(results: dict[str, dict], skipped: dict[str, str]) -> list[str
         )
     for p, why in skipped.items():
         lines.append(f"{p:<14} skipped: {why}")
+    for p in names:
+        if "plan" in results[p]:
+            lines.append(f"{p} plan (timed, and loaded by the memory subprocess): {results[p]['plan']}")
     return lines
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if not RESULTS and not SKIPPED:
+    if not RESULTS and not SKIPPED and not INTERLEAVED:
         return
     tr = terminalreporter
     any_r = next(iter(RESULTS.values()), {})
@@ -73,7 +83,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         )
         tr.write_line(
             "peak MB = steady-state step's peak RSS (VmHWM, reset via clear_refs) over RSS right before the first "
-            "step, fresh subprocess, 3 steps; 1st-step MB = same for the first step (incl. one-time work)"
+            "step, fresh subprocess, 3 steps; 1st-step MB = same for the first step (one-time work; fastdp loads the "
+            "plan timed here instead of tuning)"
         )
         la = os.getloadavg()
         tr.write_line(
@@ -82,3 +93,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         )
     for line in summary_lines(RESULTS, SKIPPED):
         tr.write_line(line)
+    if INTERLEAVED:
+        tr.write_line("")
+        tr.write_line(
+            f"interleaved ({INTERLEAVED['rounds']} rounds, one step of each provider per round, medians of the "
+            "per-round ratios):"
+        )
+        for p, ms in INTERLEAVED["median_ms"].items():
+            ratio = INTERLEAVED.get("x_non_private", {}).get(p)
+            speedup = INTERLEAVED.get("speedup_vs_opacus", {}).get(p)
+            tr.write_line(
+                f"{p:<16} {ms:>8.1f} ms  x non-private {_fmt(ratio, '.2f'):>5}  vs opacus {_fmt(speedup, '.2f')}"
+            )

@@ -72,8 +72,19 @@ def _fastdp_optimizer(model, memory_budget="auto"):
     return fastdp.DPSGD(model, **kwargs), "fastdp.DPSGD"
 
 
-def build_step(provider: str, seed: int = SEED):
-    """Build the provider's model, optimizer and data; return (step, info). ``step()`` is one full training step."""
+def plan_summary(opt) -> str:
+    """The strategies the engine chose, layer by layer in forward order, e.g. 'keep x5, shifted_ghost x6'."""
+    from collections import Counter
+
+    counts = Counter(choice for _, choice in opt.engine.plans.values())
+    return ", ".join(f"{k} x{n}" for k, n in counts.most_common())
+
+
+def build_step(provider: str, seed: int = SEED, plan: dict | None = None):
+    """Build the provider's model, optimizer and data; return (step, info). ``step()`` is one full training step.
+
+    ``plan``: for fastdp providers, an engine ``plan_state()`` to load instead of planning on the first step.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -96,6 +107,10 @@ def build_step(provider: str, seed: int = SEED):
         # "fastdp": the default plan (memory_budget="auto"); "fastdp-nobudget": the plan with no memory limit
         opt, api = _fastdp_optimizer(model, "auto" if provider == "fastdp" else None)
         info["fastdp_api"] = api
+        info["plan"] = lambda: plan_summary(opt)
+        info["plan_state"] = lambda: opt.engine.plan_state()
+        if plan is not None:
+            opt.engine.load_plan_state(plan)
 
         def step():
             loss = F.cross_entropy(model(x), y)
@@ -183,7 +198,8 @@ def _measure(provider: str, steps: int) -> dict:
 
     if steps < 2:
         raise ValueError("steps must be >= 2 (one first step, at least one steady-state step)")
-    step, info = build_step(provider)
+    plan = os.environ.get("FASTDP_BENCH_PLAN")
+    step, info = build_step(provider, plan=json.loads(plan) if plan else None)
     gc.collect()
     hwm_before = _status_kb("VmHWM")
     rss0 = _status_kb("VmRSS")
@@ -196,7 +212,7 @@ def _measure(provider: str, steps: int) -> dict:
         step()
         hwm.append(_status_kb("VmHWM"))
     return {
-        **info,
+        **{k: v() if callable(v) else v for k, v in info.items() if k != "plan_state"},
         "steps": steps,
         "hwm_reset": reset,
         "rss_before_first_step_mb": rss0 / 1024,
@@ -213,9 +229,16 @@ def _measure(provider: str, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- public API
-def peak_step_memory_info(provider: str, steps: int = 3, timeout: float = 300.0) -> dict:
-    """Run ``steps`` steps of ``provider`` in a fresh process; return the measurement dict (MB)."""
+def peak_step_memory_info(provider: str, steps: int = 3, timeout: float = 300.0, plan: dict | None = None) -> dict:
+    """Run ``steps`` steps of ``provider`` in a fresh process; return the measurement dict (MB).
+
+    ``plan``: a fastdp engine's ``plan_state()`` to use instead of autotuning in the subprocess, so that the
+    memory measured is that of the plan timed elsewhere (this process' malloc settings change timings, and
+    with them what autotuning would choose).
+    """
     env = dict(os.environ)
+    if plan is not None:
+        env["FASTDP_BENCH_PLAN"] = json.dumps(plan)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     env.setdefault("OMP_NUM_THREADS", str(THREADS))
     proc = subprocess.run(
