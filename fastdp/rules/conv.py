@@ -180,15 +180,10 @@ def conv_strategies(module: nn.modules.conv._ConvNd, x: torch.Tensor, augmult: i
         ghost = costs.GHOST * 2.0 * B * Tk * Tk * (d + p) + costs.stream(2 * unfold_bytes + N * T * p * esize)
         out["ghost"] = Cost(ghost, held_bytes)
     if all(s == 1 for s in module.stride):
-        # padded input positions P per view; the laid-out output span is at most P
-        P = 1
-        for i, size in enumerate(x.shape[2:]):
-            pad = module.padding[i] if not isinstance(module.padding, str) else None
-            P *= size + (2 * pad if pad is not None else module.dilation[i] * (module.kernel_size[i] - 1))
-        span = augmult * P
-        cin, g = x.shape[1], module.groups
-        grams = costs.GHOST * 2.0 * B * span * span * (cin + p)
-        shifts = costs.stream(2 * d // (cin // g) * B * g * span * span * esize)
+        # Gram matrices of the input (K I positions) and of delta (K T), and k^n box additions of (K T)^2
+        Ik = x[0, 0].numel() * augmult
+        grams = costs.GHOST * 2.0 * B * (Ik * Ik * x.shape[1] + Tk * Tk * p)
+        shifts = costs.stream(2 * math.prod(module.kernel_size) * B * module.groups * Tk * Tk * esize)
         out["shifted_ghost"] = Cost(grams + shifts, held_bytes)
     return out
 
