@@ -99,15 +99,16 @@ class WSNet(nn.Module):
 
 
 class Gain(nn.Module):
-    """A custom module with an elementwise parameter (no rule: torch.func fallback)."""
+    """A custom module with an elementwise and a 0-dim parameter (no rule: torch.func fallback)."""
 
     def __init__(self, n: int) -> None:
         super().__init__()
         self.g = nn.Parameter(torch.randn(n))
+        self.s = nn.Parameter(torch.tensor(0.7))
         self.inner = nn.Linear(n, n)
 
     def forward(self, x):
-        return self.inner(x * self.g) + x
+        return self.inner(x * self.g) * self.s + x
 
 
 class SharedNet(nn.Module):

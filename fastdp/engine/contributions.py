@@ -28,7 +28,7 @@ def sq_norms(t: torch.Tensor) -> torch.Tensor:
 
     ``vector_norm`` reads strided rows at full bandwidth; ``t.pow(2).sum`` on the same view was 30x slower.
     """
-    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=accum_dtype(t.dtype)).square()
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=accum_dtype(t.dtype)).square()
 
 
 def mask_rows(t: torch.Tensor, keep: torch.Tensor, rows_per_example: int = 1) -> torch.Tensor:
