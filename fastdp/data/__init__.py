@@ -1,6 +1,25 @@
-"""Data side of DP training: Poisson sampling of logical batches and their split into micro-batches."""
+"""Data side of DP training: datasets, Poisson sampling of logical batches, micro-batches and augmentation."""
 
+from fastdp.data.augment import AugmentParams, augment, normalize, to_float
+from fastdp.data.datasets import DATASETS, load_dataset
+from fastdp.data.image_dataset import DatasetNotFound, ImageDataset, TensorImageDataset, data_root
+from fastdp.data.image_folder import ImageFolderDataset
 from fastdp.data.micro import logical_batches, micro_batches
 from fastdp.data.poisson import PoissonSampler
 
-__all__ = ["PoissonSampler", "logical_batches", "micro_batches"]
+__all__ = [
+    "DATASETS",
+    "AugmentParams",
+    "DatasetNotFound",
+    "ImageDataset",
+    "ImageFolderDataset",
+    "PoissonSampler",
+    "TensorImageDataset",
+    "augment",
+    "data_root",
+    "load_dataset",
+    "logical_batches",
+    "micro_batches",
+    "normalize",
+    "to_float",
+]
