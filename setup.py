@@ -20,11 +20,18 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"fastdp.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "dp-accounting>=0.4", "scikit-learn"],
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "dp-accounting>=0.4",
+        "scikit-learn",
+        "tqdm",
+        "matplotlib",
+        "pillow",
+    ],  # fmt: skip
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "pytest-benchmark", "opacus>=1.5", "scikit-learn"],
-        "train": ["scikit-learn", "tqdm", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastdp-train = fastdp.train:cli"]},
 )

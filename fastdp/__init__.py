@@ -8,9 +8,10 @@ Replace your optimizer::
 
 from fastdp import accounting, data, nn
 from fastdp.backends import available_backends
+from fastdp.ema import EMA
 from fastdp.engine import GradSampleEngine
 from fastdp.optim import DPSGD, DPOptimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["DPOptimizer", "DPSGD", "GradSampleEngine", "accounting", "available_backends", "data", "nn"]
+__all__ = ["DPOptimizer", "DPSGD", "EMA", "GradSampleEngine", "accounting", "available_backends", "data", "nn"]

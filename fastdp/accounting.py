@@ -17,6 +17,9 @@ amplifies privacy; the sampler in :mod:`fastdp.data` is what makes that assumpti
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -92,6 +95,19 @@ def _check_count(value: int, name: str, minimum: int) -> int:
     if isinstance(value, bool) or int(value) != value or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
+
+
+@contextlib.contextmanager
+def _quiet_rdp_orders():
+    """dp-accounting's RDP logs an absl warning for every Renyi order whose series fails to converge and is left
+    out. The bound stays valid (a minimum over the remaining orders), so for a user it is noise: silenced here."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _make_accountant(mechanism: str) -> dp_accounting.PrivacyAccountant:
@@ -192,7 +208,8 @@ class PrivacyAccountant:
             return math.inf
 
         def compute() -> float:
-            return float(_make_accountant(self.mechanism).compose(_make_event(self.history)).get_epsilon(delta))
+            with _quiet_rdp_orders():
+                return float(_make_accountant(self.mechanism).compose(_make_event(self.history)).get_epsilon(delta))
 
         return self._cached("epsilon", delta, compute)
 
@@ -304,6 +321,7 @@ def _find_bracket(
         sigma = lower
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of its arguments; dp-accounting takes ~0.1-1 s per call
 def calibrate_noise_multiplier(
     target_epsilon: float,
     target_delta: float,
@@ -353,14 +371,15 @@ def calibrate_noise_multiplier(
         lo, hi = _find_bracket(lambda s: epsilon_of(s, "pld"), eps_target, hi, 1.25)
 
     try:
-        sigma = dp_accounting.calibrate_dp_mechanism(
-            lambda: _make_accountant(mechanism),
-            make_event,
-            eps_target,
-            delta,
-            bracket_interval=mechanism_calibration.ExplicitBracketInterval(lo, hi),
-            tol=float(tol),
-        )
+        with _quiet_rdp_orders():
+            sigma = dp_accounting.calibrate_dp_mechanism(
+                lambda: _make_accountant(mechanism),
+                make_event,
+                eps_target,
+                delta,
+                bracket_interval=mechanism_calibration.ExplicitBracketInterval(lo, hi),
+                tol=float(tol),
+            )
     except (ValueError, mechanism_calibration.NoBracketIntervalFoundError) as err:
         raise RuntimeError(
             f"dp_accounting.calibrate_dp_mechanism failed for target_epsilon={eps_target}, target_delta={delta}, "

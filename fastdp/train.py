@@ -1,111 +1,400 @@
-"""``fastdp-train``: a real DP training run.
+"""``fastdp-train``: differentially private training runs that reproduce the seed papers.
 
-Today it trains on scikit-learn's digits (1,797 8x8 images shipped inside scikit-learn, so it runs on any
-machine without downloads): a small GroupNorm CNN, Poisson sampling, DP-SGD calibrated to the target epsilon.
-The paper presets (CIFAR-10 WRNs, SmoothNets, NFNets) land with the models issue.
+``fastdp-train`` alone trains a small CNN on scikit-learn's embedded digits (any machine, no download).
+``fastdp-train --preset cifar10-wrn16-4-eps8`` and the other presets (``--list-presets``) follow the published
+recipes on local copies of the datasets; every field of a preset can be overridden (``--lr 2``). The run writes
+``metrics.jsonl``, ``summary.json``, ``curves.png`` and ``last.pt`` (a checkpoint ``--resume`` continues from,
+bit-for-bit as if never interrupted) into its ``--out-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
 import sys
 import time
+from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fastdp
-from fastdp.data import PoissonSampler, micro_batches
+from fastdp.accounting import compute_epsilon
+from fastdp.checkpoint import load_checkpoint, save_checkpoint
+from fastdp.data import PoissonSampler, augment, load_dataset, normalize
+from fastdp.ema import EMA
+from fastdp.models import build_model, load_timm_checkpoint
+from fastdp.optim import DPOptimizer
+from fastdp.presets import PRESETS, TrainConfig, get_preset
+from fastdp.report import MetricsLog, plot_curves, write_summary
+
+#: config fields a resumed run may change (where and how it runs, not what it computes)
+_RESUMABLE_CHANGES = ("device", "threads", "stop_at_step", "checkpoint_every", "eval_every")
+_DOC_FIELDS = ("target", "h100_hours", "notes")
 
 
-def digits_cnn(num_classes: int = 10) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, num_classes),
-    )  # fmt: skip
+class UsageError(Exception):
+    """Bad input: reported as one line, without a traceback."""
 
 
-def load_digits(seed: int) -> tuple[torch.Tensor, ...]:
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-    except ImportError:
-        sys.exit("fastdp-train: the digits dataset ships with scikit-learn; install it: pip install scikit-learn")
-    d = sk_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = (x - 0.3) / 0.4
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = len(y) // 5
-    test, train = perm[:n_test], perm[n_test:]
-    return x[train], y[train], x[test], y[test]
+# ---------------------------------------------------------------------------------------------- building blocks
+def _seeds(seed: int) -> dict[str, int]:
+    """Independent seeds for the sampler, the noise and the augmentation: the DP analysis assumes the noise is
+    independent of the sampling, which two generators seeded alike would not be."""
+    children = np.random.SeedSequence(seed).spawn(3)
+    return {
+        k: int(c.generate_state(1, dtype=np.uint64)[0] >> 1)
+        for k, c in zip(("sampler", "noise", "augment"), children, strict=True)
+    }
+
+
+_OPTIMIZERS = {
+    "sgd": lambda params, c: torch.optim.SGD(
+        params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay
+    ),
+    "adam": lambda params, c: torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay),
+    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
+    "nadam": lambda params, c: torch.optim.NAdam(params, lr=c.lr, weight_decay=c.weight_decay),
+}
+
+
+def _lr_lambda(cfg: TrainConfig, steps: int):
+    warm = max(0, cfg.warmup_steps)
+
+    def factor(t: int) -> float:  # t = optimizer steps taken so far
+        if t < warm:
+            return (t + 1) / warm
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - warm) / max(1, steps - warm))))
+        return 1.0
+
+    return factor
+
+
+def steps_within_budget(cfg: TrainConfig, sample_rate: float, steps: int) -> int:
+    """The most steps <= ``steps`` whose epsilon stays within the target, for a given noise multiplier."""
+    if compute_epsilon(cfg.noise_multiplier, sample_rate, steps, cfg.delta, cfg.accountant) <= cfg.epsilon:
+        return steps
+    lo, hi = 0, steps  # eps(lo) <= target < eps(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if compute_epsilon(cfg.noise_multiplier, sample_rate, mid, cfg.delta, cfg.accountant) <= cfg.epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def validate(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.epsilon > 0, f"--epsilon must be > 0, got {cfg.epsilon}"),
+        (0 < cfg.delta < 1, f"--delta must be in (0, 1), got {cfg.delta}"),
+        (cfg.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {cfg.max_grad_norm}"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (cfg.max_physical_batch >= 1, f"--max-physical-batch must be >= 1, got {cfg.max_physical_batch}"),
+        (cfg.augmult >= 1, f"--augmult must be >= 1, got {cfg.augmult}"),
+        (cfg.steps is not None or (cfg.epochs is not None and cfg.epochs > 0), "give --steps or --epochs > 0"),
+        (cfg.steps is None or cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
+        (cfg.noise_multiplier is None or cfg.noise_multiplier >= 0, "--noise-multiplier must be >= 0"),
+        (cfg.optimizer in _OPTIMIZERS, f"unknown --optimizer {cfg.optimizer!r}; known: {', '.join(_OPTIMIZERS)}"),
+        (cfg.lr_schedule in ("constant", "cosine"), f"--lr-schedule: constant or cosine, not {cfg.lr_schedule!r}"),
+        (cfg.amp in ("none", "bf16"), f"--amp must be none or bf16, got {cfg.amp!r}"),
+        (cfg.ema_decay is None or 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device} was requested but this torch has no usable GPU; pass --device cpu")
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def evaluate(model: nn.Module, data, cfg: TrainConfig, device: torch.device) -> float:
+    """Top-1 accuracy over the whole test set."""
+    was_training = model.training
     model.eval()
-    acc = (model(x).argmax(1) == y).float().mean().item()
-    model.train()
-    return acc
+    correct, n = 0, len(data)
+    for start in range(0, n, cfg.max_physical_batch):
+        x, y = data.get_batch(torch.arange(start, min(n, start + cfg.max_physical_batch)))
+        x = normalize(augment(x.to(device), 1, crop_padding=0, flip=False), data.mean, data.std)
+        with _autocast(cfg, device):
+            correct += int((model(x).argmax(1) == y.to(device)).sum())
+    model.train(was_training)
+    return correct / max(1, n)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fastdp-train", description=__doc__.splitlines()[0])
-    p.add_argument("--epsilon", type=float, default=8.0, help="target epsilon (default 8)")
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--epochs", type=float, default=40.0)
-    p.add_argument("--batch-size", type=int, default=256, help="expected logical batch size (Poisson)")
-    p.add_argument("--max-physical-batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2.0)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    return p.parse_args(argv)
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if not args.epsilon > 0:
-        sys.exit(f"fastdp-train: --epsilon must be > 0, got {args.epsilon}")
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    x_train, y_train, x_test, y_test = load_digits(args.seed)
-    n = len(y_train)
-    if not 0 < args.batch_size <= n:
-        sys.exit(f"fastdp-train: --batch-size must be in [1, {n}] (the training set size), got {args.batch_size}")
-    q = args.batch_size / n
-    steps = max(1, round(args.epochs / q))
-    model = digits_cnn()
-    opt = fastdp.DPSGD(
-        model, lr=args.lr, momentum=args.momentum, max_grad_norm=args.max_grad_norm,
-        expected_batch_size=args.batch_size, sample_size=n, target_epsilon=args.epsilon, target_delta=args.delta,
-        steps=steps, seed=args.seed,
+# ---------------------------------------------------------------------------------------------- the run
+def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, progress: bool = True) -> dict:
+    """Train with DP as ``cfg`` says; returns the summary (also written to ``<out_dir>/summary.json``)."""
+    validate(cfg)
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seeds = _seeds(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
+    n = len(train_data)
+    if cfg.batch_size > n:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the training set ({n} examples)")
+    q = cfg.batch_size / n
+    planned = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs / q))
+
+    model = build_model(cfg.model, num_classes=train_data.num_classes, in_channels=train_data.image_shape[0])
+    if cfg.checkpoint and resume is None:
+        load_timm_checkpoint(model, cfg.checkpoint)
+    model.to(device).train()
+
+    privacy = dict(
+        max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size, augmult=cfg.augmult,
+        clipping=cfg.clipping, accountant=cfg.accountant, seed=seeds["noise"], sample_size=n,
+        autotune=cfg.autotune,
     )  # fmt: skip
-    sampler = PoissonSampler(n, sample_rate=q, steps=steps, seed=args.seed)
-    print(f"digits: {n} train / {len(y_test)} test, {steps} steps of expected batch {args.batch_size}, "
-          f"sigma={opt.noise_multiplier:.3f} for ({args.epsilon}, {args.delta})-DP")  # fmt: skip
+    steps = planned
+    if cfg.noise_multiplier is None:
+        privacy.update(target_epsilon=cfg.epsilon, target_delta=cfg.delta, steps=planned)
+    else:
+        steps = steps_within_budget(cfg, q, planned)
+        if steps == 0:
+            raise UsageError(
+                f"even one step at --noise-multiplier {cfg.noise_multiplier} with sampling rate {q:.4g} spends more "
+                f"than epsilon {cfg.epsilon}; raise the noise multiplier, lower --batch-size, or leave the noise "
+                "multiplier out to have it calibrated"
+            )
+        privacy.update(noise_multiplier=cfg.noise_multiplier)
+    inner = _OPTIMIZERS[cfg.optimizer]([p for p in model.parameters() if p.requires_grad], cfg)
+    opt = DPOptimizer(inner, model, **privacy)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay is not None else None
+    sampler = PoissonSampler(n, sample_rate=q, steps=steps, seed=seeds["sampler"])
+    aug_gen = torch.Generator(device=device)
+    aug_gen.manual_seed(seeds["augment"])
+
+    out_dir = Path(cfg.out_dir)
+    step, elapsed, records = 0, 0.0, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        sampler.load_state_dict(resume["sampler"])
+        aug_gen.set_state(resume["augment_rng"])
+        torch.set_rng_state(resume["torch_rng"])
+        step, elapsed, records = resume["step"], resume["seconds"], resume["records"]
+    log = MetricsLog(out_dir / "metrics.jsonl", records)
+
+    def checkpoint() -> Path:
+        return save_checkpoint(out_dir / "last.pt", {
+            "version": 1, "preset": preset, "config": dataclasses.asdict(cfg), "step": step,
+            "seconds": elapsed + time.perf_counter() - start, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "ema": None if ema is None else ema.state_dict(), "sampler": sampler.state_dict(),
+            "augment_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(), "records": log.records,
+        })  # fmt: skip
+
+    def evaluation() -> dict:
+        rec = {
+            "step": step,
+            "epsilon": opt.epsilon(cfg.delta),
+            "test_accuracy": evaluate(model, test_data, cfg, device),
+        }
+        if ema is not None:
+            with ema.applied(model):
+                rec["ema_test_accuracy"] = evaluate(model, test_data, cfg, device)
+        return rec
+
+    print(
+        f"fastdp-train {preset}: {cfg.model} on {cfg.dataset} ({n} train / {len(test_data)} test), {steps} steps of "
+        f"expected batch {cfg.batch_size} x augmult {cfg.augmult}, sigma={opt.noise_multiplier:.4f}, "
+        f"C={cfg.max_grad_norm}, target ({cfg.epsilon}, {cfg.delta})-DP, out: {out_dir}",
+        flush=True,
+    )
+    if steps < planned:
+        print(f"fastdp-train: stopping after {steps} of {planned} steps: step {steps + 1} would exceed epsilon "
+              f"{cfg.epsilon} at sigma {cfg.noise_multiplier}", flush=True)  # fmt: skip
+    eval_every = cfg.eval_every or max(1, steps // 10)
+    last = min(steps, cfg.stop_at_step) if cfg.stop_at_step else steps
+    per_chunk = max(1, cfg.max_physical_batch // cfg.augmult)  # examples per forward/backward
+    bar = _progress(progress, step, last)
     start = time.perf_counter()
-    for step, idx in enumerate(sampler, 1):
-        for xb, yb in micro_batches(x_train[idx], y_train[idx], max_physical_batch=args.max_physical_batch):
-            F.cross_entropy(model(xb), yb).backward()
+    batches = iter(sampler)
+    while step < last:
+        # draw only a batch that will be used: the sampler's state in a checkpoint is then exactly where the next
+        # step of an uninterrupted run draws from
+        idx = next(batches)
+        loss_sum, correct, rows = 0.0, 0, 0
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        for chunk in idx.split(per_chunk):
+            x, y = train_data.get_batch(chunk)
+            x = augment(x.to(device), cfg.augmult, crop_padding=cfg.crop_padding, flip=cfg.flip, generator=aug_gen)
+            x = normalize(x, train_data.mean, train_data.std)
+            y = y.to(device).repeat_interleave(cfg.augmult)
+            with _autocast(cfg, device):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            loss.backward()
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            rows += len(y)
         opt.step()
+        sched.step()
         opt.zero_grad()
-        if step % max(1, steps // 10) == 0 or step == steps:
-            print(f"step {step:5d}/{steps}  test acc {accuracy(model, x_test, y_test):.3f}  "
-                  f"eps {opt.epsilon(args.delta):.2f}")  # fmt: skip
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        rec = {
+            "step": step,
+            "batch": len(idx),
+            "lr": sched.get_last_lr()[0],
+            "seconds": round(elapsed + time.perf_counter() - start, 2),
+        }
+        if rows:
+            rec.update(loss=loss_sum / rows, train_accuracy=correct / rows)
+        if step % eval_every == 0 or step == steps:
+            rec.update(evaluation())
+        log.write(rec)
+        bar.update(rec)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < last:
+            checkpoint()
+    bar.close()
+    ckpt = checkpoint()
+
+    final = log.records[-1] if log.records else {"step": 0}
+    if "test_accuracy" not in final:
+        final = {**final, **evaluation()}
+        log.write(
+            {"step": step, **{k: final[k] for k in ("epsilon", "test_accuracy", "ema_test_accuracy") if k in final}}
+        )
     summary = {
-        "test_accuracy": accuracy(model, x_test, y_test),
-        "epsilon": opt.epsilon(args.delta),
-        "delta": args.delta,
-        "steps": steps,
-        "noise_multiplier": opt.noise_multiplier,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    print(json.dumps(summary))
+        "preset": preset, "train_examples": n, "finished": step >= steps, "step": step, "steps": steps,
+        "planned_steps": planned,
+        "test_accuracy": final["test_accuracy"], "ema_test_accuracy": final.get("ema_test_accuracy"),
+        "epsilon": final["epsilon"], "delta": cfg.delta, "target_epsilon": cfg.epsilon,
+        "noise_multiplier": opt.noise_multiplier, "accountant": cfg.accountant,
+        "nonfinite_examples": opt.nonfinite_examples, "seconds": round(elapsed + time.perf_counter() - start, 1),
+        "target": cfg.target, "checkpoint": str(ckpt), "metrics": str(log.path),
+        "plot": str(plot_curves(out_dir / "curves.png", log.records, f"fastdp-train {preset}")),
+    }  # fmt: skip
+    write_summary(out_dir / "summary.json", summary)
+    print(json.dumps(summary), flush=True)
+    if not summary["finished"]:
+        print(f"fastdp-train: stopped at step {step} of {steps}; continue with: fastdp-train --resume {ckpt}")
+    print(f"fastdp-train: plot {summary['plot']}", flush=True)
     return summary
+
+
+class _progress:
+    """tqdm bar with loss, accuracy and epsilon (a no-op when disabled or tqdm is missing)."""
+
+    def __init__(self, enabled: bool, initial: int, total: int) -> None:
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.post: dict[str, str] = {}
+
+    def update(self, rec: dict) -> None:
+        if self.bar is None:
+            return
+        if "loss" in rec:
+            self.post.update(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_accuracy']:.3f}")
+        if "epsilon" in rec:
+            self.post.update(eps=f"{rec['epsilon']:.2f}", test=f"{rec['test_accuracy']:.3f}")
+        self.bar.set_postfix(self.post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def _parse_value(text: str, annotation: str):
+    optional = "None" in annotation
+    if optional and text.lower() == "none":
+        return None
+    for kind, conv in (("int", int), ("float", float)):
+        if annotation.startswith(kind):
+            return conv(text)
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastdp-train", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--preset", default="digits", help="a recipe (--list-presets); its fields below can be overridden")
+    p.add_argument("--list-presets", action="store_true", help="print the presets with their targets and exit")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run of this last.pt (or its directory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _DOC_FIELDS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(
+                flag, default=None, metavar=f.type.split(" ")[0].upper(), type=lambda s, t=f.type: _parse_value(s, t)
+            )
+    return p
+
+
+def _config(args: argparse.Namespace) -> tuple[str, TrainConfig, dict | None]:
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in _DOC_FIELDS and getattr(args, f.name) is not None
+    }
+    if args.resume:
+        path = Path(args.resume)
+        state = load_checkpoint(path / "last.pt" if path.is_dir() else path)
+        changed = sorted(k for k in given if k not in _RESUMABLE_CHANGES and given[k] != state["config"].get(k))
+        if changed:
+            raise UsageError(
+                f"a resumed run keeps its configuration; cannot change {', '.join(changed)} "
+                f"(only {', '.join(_RESUMABLE_CHANGES)} may change)"
+            )
+        # a stop point belongs to the invocation that gave it
+        cfg = TrainConfig(**state["config"]).replace(stop_at_step=None).replace(**given)
+        return state["preset"], cfg, state
+    preset = args.preset
+    cfg = get_preset(preset).replace(**given)
+    if cfg.out_dir is None:
+        cfg = cfg.replace(out_dir=str(Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return preset, cfg, None
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    if args.list_presets:
+        for name, cfg in PRESETS.items():
+            print(f"{name:28s} {cfg.target}\n{'':28s} model {cfg.model}, dataset {cfg.dataset}, H100: {cfg.h100_hours}")
+        return None
+    try:
+        preset, cfg, state = _config(args)
+        return run(cfg, preset, resume=state, progress=not args.no_progress)
+    except (UsageError, ValueError, FileNotFoundError, KeyError) as e:
+        if os.environ.get("FASTDP_DEBUG"):
+            raise
+        # FileNotFoundError covers fastdp.data.DatasetNotFound: its message says what is missing and where it goes
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        sys.exit(f"fastdp-train: {message}")
 
 
 def cli() -> None:
