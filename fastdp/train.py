@@ -346,21 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in _DOC_FIELDS:
             continue
         flag = "--" + f.name.replace("_", "-")
+        # SUPPRESS: a field not given is absent from the namespace, so "--checkpoint none" can still set None
         if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
         else:
             p.add_argument(
-                flag, default=None, metavar=f.type.split(" ")[0].upper(), type=lambda s, t=f.type: _parse_value(s, t)
+                flag,
+                default=argparse.SUPPRESS,
+                metavar=f.type.split(" ")[0].upper(),
+                type=lambda s, t=f.type: _parse_value(s, t),
             )
     return p
 
 
 def _config(args: argparse.Namespace) -> tuple[str, TrainConfig, dict | None]:
-    given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in _DOC_FIELDS and getattr(args, f.name) is not None
-    }
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume:
         path = Path(args.resume)
         state = load_checkpoint(path / "last.pt" if path.is_dir() else path)
