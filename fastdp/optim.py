@@ -4,7 +4,8 @@ Each ``loss.backward()`` adds its micro-batch's clipped per-example sum (accumul
 batching). ``step()`` is the end of a logical batch: it adds N(0, sigma^2 C^2) once to the sum, divides by
 the *expected* batch size (Poisson batches vary; dividing by the realised size would leak it), hands the
 result to the wrapped optimizer as ``.grad`` and records the step with the accountant. A ``step()`` with no
-backward since the last one is an empty Poisson batch: noise only, and it is accounted.
+backward since the last one is an empty Poisson batch: noise only, and it is accounted. Under torch.distributed
+the ranks' clipped sums are added up with one all-reduce and the noise is added once (fastdp.distributed).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fastdp.accounting import PrivacyAccountant, calibrate_noise_multiplier, steps_for_epochs
 from fastdp.backends import resolve_backend
+from fastdp.distributed import active_group, all_reduce_sum, broadcast_module
 from fastdp.engine import GradSampleEngine
 from fastdp.noise import GaussianNoise
 
@@ -48,6 +51,10 @@ class DPOptimizer(torch.optim.Optimizer):
             "unfold_bk", "ghost"); None to plan.
         autotune: plan each layer by timing its strategies once per input shape (default) or, if False, by
             the analytic cost model.
+        process_group: the torch.distributed group to train over; default: the default group when
+            torch.distributed is initialised with several ranks (fastdp.distributed explains the step), else
+            a single process. Every rank builds the optimizer (parameters are broadcast from rank 0) and calls
+            step() for every logical batch, also when its share of the batch is empty.
     """
 
     def __init__(
@@ -74,6 +81,7 @@ class DPOptimizer(torch.optim.Optimizer):
         memory_budget: float | str | None = "auto",
         strategy: str | None = None,
         autotune: bool = True,
+        process_group=None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -113,6 +121,9 @@ class DPOptimizer(torch.optim.Optimizer):
                         "the optimizer has a parameter that is not a trainable parameter of `model` "
                         f"(shape {tuple(p.shape)}); build the optimizer over model.parameters()."
                     )
+        self.group = active_group(process_group)
+        if self.group is not None:
+            broadcast_module(model, self.group)
         self.steps_taken = 0
         self.per_sample_norms = torch.zeros(0)
         self.examples_last_batch = 0
@@ -172,13 +183,20 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         summed, norms = self.engine.pop()
         std = self.noise_multiplier * self.max_grad_norm
+        # with several ranks only rank 0 adds noise, before the sums are added up: the total carries it once
+        noisy = std > 0 and (self.group is None or dist.get_rank(self.group) == 0)
+        grads = []
         for p in self.engine.params:
             # the engine's sums are fresh tensors owned by this step, so noise and scaling can go in place
             g = summed.get(p)
             if g is None:
                 g = torch.zeros_like(p)
-            if std > 0:
+            if noisy:
                 g.add_(self.noise.sample(p.shape, p.device, p.dtype), alpha=std)
+            grads.append(g)
+        if self.group is not None:
+            all_reduce_sum(grads, self.group, what=f"the clipped sums of step {self.steps_taken + 1}")
+        for p, g in zip(self.engine.params, grads, strict=True):
             p.grad = g.div_(self.expected_batch_size)
         self.inner.step()
         self.per_sample_norms = norms

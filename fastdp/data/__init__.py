@@ -2,6 +2,7 @@
 
 from fastdp.data.augment import AugmentParams, augment, normalize, to_float
 from fastdp.data.datasets import DATASETS, load_dataset
+from fastdp.data.distributed_sampler import DistributedPoissonSampler
 from fastdp.data.image_dataset import DatasetNotFound, ImageDataset, TensorImageDataset, data_root
 from fastdp.data.image_folder import ImageFolderDataset
 from fastdp.data.micro import logical_batches, micro_batches
@@ -11,6 +12,7 @@ __all__ = [
     "DATASETS",
     "AugmentParams",
     "DatasetNotFound",
+    "DistributedPoissonSampler",
     "ImageDataset",
     "ImageFolderDataset",
     "PoissonSampler",
