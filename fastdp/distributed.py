@@ -81,3 +81,49 @@ def broadcast_int(value: int | None, group) -> int:
     obj = [value]
     dist.broadcast_object_list(obj, src=dist.get_global_rank(group, 0), group=group)
     return int(obj[0])
+
+
+def init_from_env(device: str, timeout_s: float) -> tuple[int, int, str, bool]:
+    """Join the job torchrun describes (WORLD_SIZE > 1 in the environment), else run as a single process.
+
+    Returns (rank, world_size, device, created): NCCL for CUDA devices (each rank on cuda:LOCAL_RANK), gloo
+    otherwise; ``timeout_s`` bounds how long a collective waits for a rank that failed or stalled. ``created``
+    says whether this call initialised the process group (and so should destroy it).
+    """
+    import datetime
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device, False
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group(
+            "nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    return dist.get_rank(), dist.get_world_size(), device, created
+
+
+def gather_objects(obj, group=None) -> list:
+    """``obj`` of every rank, in rank order, on every rank (a single-element list without a process group)."""
+    group = active_group(group)
+    if group is None:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def sum_floats(values: list[float], group=None) -> list[float]:
+    """Element-wise sum of a few numbers over the ranks (e.g. loss sums and counts for logging)."""
+    group = active_group(group)
+    if group is None:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, group=group)
+    return t.tolist()

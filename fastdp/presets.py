@@ -55,6 +55,7 @@ class TrainConfig:
     threads: int | None = None  # CPU threads (None: torch's default)
     eval_every: int = 0  # steps between evaluations (0: ten times per run)
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end only)
+    dist_timeout: float = 1800.0  # seconds a collective waits for a failed or stalled rank (torchrun jobs)
     stop_at_step: int | None = None  # end this invocation after that step (resume later with --resume)
     out_dir: str | None = None  # default runs/<preset>-<time>
     # documentation

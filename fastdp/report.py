@@ -16,9 +16,14 @@ from typing import Any
 class MetricsLog:
     """Appends one JSON object per line to ``path``; ``records`` keeps them for the plot and the summary."""
 
-    def __init__(self, path: str | os.PathLike, records: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, records: list[dict[str, Any]] | None = None, write: bool = True
+    ) -> None:
         self.path = Path(path)
         self.records: list[dict[str, Any]] = list(records or [])
+        self.writes = write  # False: keep the records in memory only (ranks other than 0)
+        if not write:
+            return
         # a resumed run rewrites the file from the checkpoint's records: lines written after that checkpoint
         # by the interrupted run are dropped, so the file describes the run that produced the parameters
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +33,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.writes:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

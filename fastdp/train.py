@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from fastdp.accounting import compute_epsilon
 from fastdp.checkpoint import load_checkpoint, save_checkpoint
-from fastdp.data import PoissonSampler, augment, load_dataset, normalize
+from fastdp.data import DistributedPoissonSampler, PoissonSampler, augment, load_dataset, normalize
+from fastdp.distributed import gather_objects, init_from_env, sum_floats
 from fastdp.ema import EMA
 from fastdp.models import build_model, load_timm_checkpoint
 from fastdp.optim import DPOptimizer
@@ -34,7 +36,7 @@ from fastdp.presets import PRESETS, TrainConfig, get_preset
 from fastdp.report import MetricsLog, plot_curves, write_summary
 
 #: config fields a resumed run may change (where and how it runs, not what it computes)
-_RESUMABLE_CHANGES = ("device", "threads", "stop_at_step", "checkpoint_every", "eval_every")
+_RESUMABLE_CHANGES = ("device", "threads", "stop_at_step", "checkpoint_every", "eval_every", "dist_timeout")
 _DOC_FIELDS = ("target", "h100_hours", "notes")
 
 
@@ -43,14 +45,17 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
-def _seeds(seed: int) -> dict[str, int]:
-    """Independent seeds for the sampler, the noise and the augmentation: the DP analysis assumes the noise is
-    independent of the sampling, which two generators seeded alike would not be."""
-    children = np.random.SeedSequence(seed).spawn(3)
-    return {
-        k: int(c.generate_state(1, dtype=np.uint64)[0] >> 1)
-        for k, c in zip(("sampler", "noise", "augment"), children, strict=True)
-    }
+def _seeds(seed: int, rank: int = 0) -> dict[str, int]:
+    """Independent seeds for the sampler, the noise, the augmentation and torch's global RNG (stochastic depth):
+    the DP analysis assumes the noise is independent of the sampling, which two generators seeded alike would not
+    be. The sampler and the noise are global (the same on every rank); augmentation and torch's RNG are per rank."""
+    children = np.random.SeedSequence(seed).spawn(4)
+    out = {}
+    for k, c in zip(("sampler", "noise", "augment", "torch"), children, strict=True):
+        if k in ("augment", "torch"):
+            c = np.random.SeedSequence([int(c.generate_state(1)[0]), rank])
+        out[k] = int(c.generate_state(1, dtype=np.uint64)[0] >> 1)
+    return out
 
 
 _OPTIMIZERS = {
@@ -135,14 +140,20 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, progress: bool = True) -> dict:
-    """Train with DP as ``cfg`` says; returns the summary (also written to ``<out_dir>/summary.json``)."""
+def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, progress: bool = True) -> dict | None:
+    """Train with DP as ``cfg`` says; returns the summary (also written to ``<out_dir>/summary.json``).
+
+    Under torchrun (WORLD_SIZE > 1) every rank trains on its share of each global Poisson batch; rank 0 alone
+    evaluates, logs, plots and writes checkpoints, and returns the summary (the other ranks return None).
+    """
     validate(cfg)
-    device = torch.device(cfg.device)
+    rank, world, device_name, owns_group = init_from_env(cfg.device, cfg.dist_timeout)
+    main_rank = rank == 0
+    device = torch.device(device_name)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seeds = _seeds(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seeds = _seeds(cfg.seed, rank)
+    torch.manual_seed(cfg.seed)  # the model's initialisation (rank 0's is broadcast anyway)
 
     train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
     n = len(train_data)
@@ -155,6 +166,7 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
     if cfg.checkpoint and resume is None:
         load_timm_checkpoint(model, cfg.checkpoint)
     model.to(device).train()
+    torch.manual_seed(seeds["torch"])
 
     privacy = dict(
         max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size, augmult=cfg.augmult,
@@ -177,7 +189,10 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
     opt = DPOptimizer(inner, model, **privacy)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay is not None else None
-    sampler = PoissonSampler(n, sample_rate=q, steps=steps, seed=seeds["sampler"])
+    if world > 1:
+        sampler = DistributedPoissonSampler(n, sample_rate=q, steps=steps, seed=seeds["sampler"])
+    else:
+        sampler = PoissonSampler(n, sample_rate=q, steps=steps, seed=seeds["sampler"])
     aug_gen = torch.Generator(device=device)
     aug_gen.manual_seed(seeds["augment"])
 
@@ -190,21 +205,34 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
         if ema is not None:
             ema.load_state_dict(resume["ema"])
         sampler.load_state_dict(resume["sampler"])
-        aug_gen.set_state(resume["augment_rng"])
-        torch.set_rng_state(resume["torch_rng"])
+        if len(resume["augment_rng"]) != world:
+            raise UsageError(
+                f"the checkpoint was written by {len(resume['augment_rng'])} process(es); resume it with the same "
+                f"number (this job has {world}): every rank's augmentation RNG is restored"
+            )
+        aug_gen.set_state(resume["augment_rng"][rank])
+        torch.set_rng_state(resume["torch_rng"][rank])
         step, elapsed, records = resume["step"], resume["seconds"], resume["records"]
-    log = MetricsLog(out_dir / "metrics.jsonl", records)
+    # only rank 0 writes files and prints
+    log = MetricsLog(out_dir / "metrics.jsonl", records, write=main_rank)
+    say = print if main_rank else (lambda *a, **k: None)
 
     def checkpoint() -> Path:
-        return save_checkpoint(out_dir / "last.pt", {
-            "version": 1, "preset": preset, "config": dataclasses.asdict(cfg), "step": step,
-            "seconds": elapsed + time.perf_counter() - start, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "ema": None if ema is None else ema.state_dict(), "sampler": sampler.state_dict(),
-            "augment_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(), "records": log.records,
-        })  # fmt: skip
+        rngs = gather_objects((aug_gen.get_state(), torch.get_rng_state()))  # every rank takes part
+        path = out_dir / "last.pt"
+        if main_rank:
+            save_checkpoint(path, {
+                "version": 1, "preset": preset, "config": dataclasses.asdict(cfg), "step": step,
+                "seconds": elapsed + time.perf_counter() - start, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "ema": None if ema is None else ema.state_dict(), "sampler": sampler.state_dict(),
+                "augment_rng": [a for a, _ in rngs], "torch_rng": [t for _, t in rngs], "records": log.records,
+            })  # fmt: skip
+        return path
 
     def evaluation() -> dict:
+        if not main_rank:
+            return {}
         rec = {
             "step": step,
             "epsilon": opt.epsilon(cfg.delta),
@@ -215,19 +243,19 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
                 rec["ema_test_accuracy"] = evaluate(model, test_data, cfg, device)
         return rec
 
-    print(
+    say(
         f"fastdp-train {preset}: {cfg.model} on {cfg.dataset} ({n} train / {len(test_data)} test), {steps} steps of "
         f"expected batch {cfg.batch_size} x augmult {cfg.augmult}, sigma={opt.noise_multiplier:.4f}, "
-        f"C={cfg.max_grad_norm}, target ({cfg.epsilon}, {cfg.delta})-DP, out: {out_dir}",
+        f"C={cfg.max_grad_norm}, target ({cfg.epsilon}, {cfg.delta})-DP, {world} process(es), out: {out_dir}",
         flush=True,
     )
     if steps < planned:
-        print(f"fastdp-train: stopping after {steps} of {planned} steps: step {steps + 1} would exceed epsilon "
+        say(f"fastdp-train: stopping after {steps} of {planned} steps: step {steps + 1} would exceed epsilon "
               f"{cfg.epsilon} at sigma {cfg.noise_multiplier}", flush=True)  # fmt: skip
     eval_every = cfg.eval_every or max(1, steps // 10)
     last = min(steps, cfg.stop_at_step) if cfg.stop_at_step else steps
     per_chunk = max(1, cfg.max_physical_batch // cfg.augmult)  # examples per forward/backward
-    bar = _progress(progress, step, last)
+    bar = _progress(progress and main_rank, step, last)
     start = time.perf_counter()
     batches = iter(sampler)
     while step < last:
@@ -254,9 +282,10 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
         if ema is not None:
             ema.update(model)
         step += 1
+        batch, loss_sum, correct, rows = sum_floats([len(idx), loss_sum, correct, rows])
         rec = {
             "step": step,
-            "batch": len(idx),
+            "batch": int(batch),
             "lr": sched.get_last_lr()[0],
             "seconds": round(elapsed + time.perf_counter() - start, 2),
         }
@@ -270,6 +299,10 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
             checkpoint()
     bar.close()
     ckpt = checkpoint()
+    if owns_group:
+        dist.destroy_process_group()
+    if not main_rank:
+        return None
 
     final = log.records[-1] if log.records else {"step": 0}
     if "test_accuracy" not in final:
