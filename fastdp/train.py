@@ -83,12 +83,17 @@ def _lr_lambda(cfg: TrainConfig, steps: int):
 
 def steps_within_budget(cfg: TrainConfig, sample_rate: float, steps: int) -> int:
     """The most steps <= ``steps`` whose epsilon stays within the target, for a given noise multiplier."""
-    if compute_epsilon(cfg.noise_multiplier, sample_rate, steps, cfg.delta, cfg.accountant) <= cfg.epsilon:
+    def eps(t: int) -> float:
+        return compute_epsilon(cfg.noise_multiplier, sample_rate, t, cfg.delta, cfg.accountant)
+
+    if eps(steps) <= cfg.epsilon:
         return steps
-    lo, hi = 0, steps  # eps(lo) <= target < eps(hi)
+    if eps(1) > cfg.epsilon:
+        return 0
+    lo, hi = 1, steps  # eps(lo) <= target < eps(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if compute_epsilon(cfg.noise_multiplier, sample_rate, mid, cfg.delta, cfg.accountant) <= cfg.epsilon:
+        if eps(mid) <= cfg.epsilon:
             lo = mid
         else:
             hi = mid
