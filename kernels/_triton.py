@@ -1,0 +1,156 @@
+"""Triton, or a stand-in without it, plus the launch checks the four kernel files share.
+
+The kernel files import ``triton`` and ``tl`` from here. Without Triton installed they still import (their
+pure-torch ``*_ref`` functions are what the torch backend runs): ``triton.jit`` then returns a placeholder whose
+launch raises the original ImportError with install instructions. The interpreter switch (``TRITON_INTERPRET=1``)
+is read by ``triton.jit`` when a kernel file is imported, so set it before the first import.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    TRITON_IMPORT_ERROR: ImportError | None = None
+except ImportError as _e:  # pragma: no cover - exercised only where triton is absent
+    TRITON_IMPORT_ERROR = _e
+
+    class _Unavailable:
+        """What ``triton.jit`` returns without Triton: indexing it (``kernel[grid]``) raises."""
+
+        def __init__(self, fn) -> None:
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            raise _missing()
+
+    class _TritonStub:
+        @staticmethod
+        def jit(fn=None, **_kwargs):
+            return _Unavailable(fn) if fn is not None else _Unavailable
+
+    class _LanguageStub:
+        constexpr = object  # only used in annotations of the kernel signatures
+
+    triton = _TritonStub()  # type: ignore[assignment]
+    tl = _LanguageStub()  # type: ignore[assignment]
+    libdevice = None  # type: ignore[assignment]
+
+
+def _missing() -> ImportError:
+    return ImportError(
+        "fastdp's Triton kernels need the `triton` package, which failed to import "
+        f"({TRITON_IMPORT_ERROR}); install it with `pip install triton` (or `pip install fastdp[triton]`), "
+        "or use backend='torch'."
+    )
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4 reads the switch through its knobs
+    if TRITON_IMPORT_ERROR is None and knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_launchable(op: str, *tensors: torch.Tensor) -> torch.device:
+    """Raise unless ``tensors`` share one device the kernels can run on; return that device."""
+    if TRITON_IMPORT_ERROR is not None:
+        raise _missing()
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    (device,) = devices
+    if device.type == "cpu" and not interpreting():
+        raise ValueError(
+            f"{op}: the Triton kernels need GPU tensors, got tensors on {device}; set TRITON_INTERPRET=1 before "
+            "importing fastdp.kernels to run them (slowly) on the CPU, or use the torch backend."
+        )
+    return device
+
+
+def check_float(op: str, name: str, t: torch.Tensor, dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> None:
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must be one of {allowed}, got {t.dtype}")
+
+
+def check_dim(op: str, name: str, t: torch.Tensor, dim: int, layout: str) -> None:
+    if t.dim() != dim:
+        raise ValueError(f"{op}: {name} must be {dim}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def check_layer_pair(op: str, a: torch.Tensor, delta: torch.Tensor) -> None:
+    """a (B, T, d) and delta (B, T, p) of one linear layer: float, one dtype, the same B and T."""
+    check_dim(op, "a", a, 3, "(B, T, d)")
+    check_dim(op, "delta", delta, 3, "(B, T, p)")
+    check_float(op, "a", a)
+    if delta.dtype != a.dtype:
+        raise TypeError(f"{op}: a and delta must have the same dtype, got {a.dtype} and {delta.dtype}")
+    if a.shape[:2] != delta.shape[:2]:
+        raise ValueError(
+            f"{op}: a (B, T, d) and delta (B, T, p) must agree in B and T, got {tuple(a.shape)} and "
+            f"{tuple(delta.shape)}"
+        )
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot input precision: exact fp32 products for fp32 inputs (TF32 would move norms by ~1e-3); the
+    default (native tensor-core products, exact for bf16/fp16) otherwise."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2_at_least(n: int, lo: int, hi: int) -> int:
+    """The smallest power of two >= n, clamped to [lo, hi]."""
+    p = 1 << max(0, int(n) - 1).bit_length()
+    return max(lo, min(hi, p))
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs one program at a time)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+#: grid axes 1 and 2 are limited to 65535 programs on CUDA
+MAX_GRID_YZ = 65535
+
+
+@triton.jit
+def mma(x, y, acc, PRECISION: tl.constexpr, INTERP: tl.constexpr):
+    """acc + x @ y. Under the interpreter (INTERP), whose tl.dot multiplies the raw 16-bit patterns of bf16, the
+    operands are widened to fp32 first: bf16/fp16 products are exact in fp32, so this is what the tensor cores
+    compute, up to the order of the fp32 additions."""
+    if INTERP and x.dtype != tl.float32:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(x, y, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def cast(x, DTYPE: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 x -> DTYPE, rounded to nearest even as on the GPU. The interpreter's fp32 -> bf16 conversion truncates,
+    so there the rounding is done on the bit pattern (add 0x7FFF plus the lowest kept bit, drop 16 bits; inf and
+    NaN stay what they are)."""
+    if INTERP and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """The PRECISION / INTERP constexprs of ``mma`` for operands of ``dtype``."""
+    return {"PRECISION": dot_precision(dtype), "INTERP": interpreting()}

@@ -1,0 +1,432 @@
+"""The Triton kernels (fastdp.kernels) against their pure-torch references.
+
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before Triton is imported),
+which runs every program in Python: shapes are tiny, but chosen so that every dimension crosses a tile boundary
+(the interpreter's tiles are 16 wide, noisy_step's blocks 64 elements). Every output buffer the kernels allocate,
+and every ``out`` given to them, is NaN-filled first, so an element a kernel forgets to write fails the test.
+Oracles are float64 (fp32 summation order alone moves results by ~1e-6 relative here). Low precision: the
+kernel's error vs the fp64 oracle on the same bf16 inputs is at most twice plain torch's in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernel modules are imported below
+
+pytest.importorskip("triton")
+
+from fastdp.kernels import clip_reduce as cr  # noqa: E402
+from fastdp.kernels import ghost_norm as gn  # noqa: E402
+from fastdp.kernels import noisy_step as ns  # noqa: E402
+from fastdp.kernels import per_sample_norm as psn  # noqa: E402
+from fastdp.kernels._triton import interpreting  # noqa: E402
+from fastdp.philox import philox4x32, philox_normal  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not interpreting():  # a kernel module was imported before TRITON_INTERPRET was set
+    pytest.skip("Triton's interpreter is off in this process and there is no GPU", allow_module_level=True)
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """torch.empty / empty_like return NaN-filled (float) or -1-filled (int) memory while a test runs."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+def randn(*shape, dtype=torch.float32, gen=None):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
+
+
+def nan_like(shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def assert_fp32(out, ref64, rel=2e-6):
+    """fp32 accumulation of a few hundred terms: relative error ~ sqrt(terms) * 2^-24, with margin."""
+    scale = ref64.abs().max().item() if ref64.numel() else 1.0
+    torch.testing.assert_close(out.double().cpu(), ref64.cpu(), rtol=rel, atol=rel * scale)
+
+
+def assert_low_precision(out, ref64, torch_lp):
+    """The kernel's max error vs the fp64 oracle is at most 2x plain torch's in the same low precision."""
+    err = (out.double() - ref64).abs().max().item()
+    err_torch = (torch_lp.double() - ref64).abs().max().item()
+    assert err <= 2 * err_torch + 1e-7 * ref64.abs().max().item(), (err, err_torch)
+
+
+# ------------------------------------------------------------------------------------------------ philox noise
+
+
+def test_philox_words_bit_exact():
+    # the group counter crosses 2^32 (its high word), seed and step have non-zero high words
+    seed, step, first = 2**40 + 5, 2**33 + 3, 2**32 - 70
+    w = ns.philox_words(150, seed, step, first, device=DEVICE).cpu()
+    g = torch.arange(first, first + 150, dtype=torch.int64)
+    counter = (g & 0xFFFFFFFF, g >> 32, torch.full_like(g, step & 0xFFFFFFFF), torch.full_like(g, step >> 32))
+    ref = torch.stack(philox4x32(counter, (seed & 0xFFFFFFFF, seed >> 32)), 1)
+    assert torch.equal(w, ref)
+
+
+@pytest.mark.parametrize("offset", [0, 2**34 + 3])
+def test_philox_normal_matches_reference(offset):
+    # 301 elements from an offset that is not a multiple of 4: partial first and last groups
+    z = ns.philox_normal(301, seed=7, step=5, offset=offset, device=DEVICE).cpu()
+    ref = philox_normal(301, seed=7, step=5, offset=offset)
+    # The uniforms are bit-exact (the words are, and both round (x + 0.5) 2^-32 once to fp32), so what differs is
+    # the fp32 log/sqrt/sin/cos of the two libraries (<= 2 ulp each). z = r cos(2 pi u): a few ulp of z, plus an
+    # absolute few ulp of 1 times r <= sqrt(-2 ln 2^-33) = 6.8 from cos/sin near their zeros.
+    eps = torch.finfo(torch.float32).eps
+    assert torch.isfinite(z).all()
+    assert ((z - ref).abs() <= 4 * eps * ref.abs() + 4 * eps * 6.8).all()
+
+
+# -------------------------------------------------------------------------------------------- per-example norm
+
+
+@pytest.mark.parametrize("B, T, d, p", [(3, 21, 18, 20), (1, 1, 5, 3)])
+def test_per_sample_norm_linear(B, T, d, p):
+    gen = torch.Generator().manual_seed(B * 100 + T)
+    # a as a transposed view: the kernel reads any strides
+    a = randn(B, d, T, gen=gen).transpose(1, 2)
+    delta = randn(B, T, p, gen=gen)
+    out = nan_like((B, p, d))
+    n = psn.per_sample_norm(a, delta, out=out)
+    assert n.dtype == torch.float32 and n.shape == (B,)
+    assert_fp32(n, psn.per_sample_norm_ref(a.double(), delta.double()))
+    assert_fp32(out, psn.per_sample_grad_ref(a.double(), delta.double()))
+    assert_fp32(psn.per_sample_norm(a, delta), psn.per_sample_norm_ref(a.double(), delta.double()))
+
+
+def test_per_sample_norm_linear_bf16():
+    gen = torch.Generator().manual_seed(1)
+    a, delta = randn(3, 21, 18, dtype=torch.bfloat16, gen=gen), randn(3, 21, 20, dtype=torch.bfloat16, gen=gen)
+    out = nan_like((3, 20, 18), torch.bfloat16)
+    n = psn.per_sample_norm(a, delta, out=out)
+    assert_low_precision(n, psn.per_sample_norm_ref(a.double(), delta.double()), psn.per_sample_norm_ref(a, delta))
+    assert_low_precision(out, psn.per_sample_grad_ref(a.double(), delta.double()), psn.per_sample_grad_ref(a, delta))
+
+
+CONV_CASES = [
+    # kernel, stride, padding, dilation, augmult, channels_last
+    (3, 1, 1, 1, 1, False),
+    ((2, 3), (2, 1), (0, 2), (2, 1), 2, True),
+]
+
+
+@pytest.mark.parametrize("k, s, pad, dil, K, cl", CONV_CASES)
+def test_per_sample_norm_conv2d(k, s, pad, dil, K, cl):
+    gen = torch.Generator().manual_seed(2)
+    N, C, H, W, p = 4, 3, 7, 6, 17
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = randn(N, C, H, W, gen=gen)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.empty(p, C, kh, kw, device=DEVICE)  # only its shape matters
+    ho, wo = torch.nn.functional.conv2d(x, w.zero_(), stride=s, padding=pad, dilation=dil).shape[2:]
+    delta = randn(N, p, ho, wo, gen=gen)
+    out = nan_like((N // K, p, C, kh, kw))
+    n = psn.per_sample_norm_conv2d(x, delta, (kh, kw), stride=s, padding=pad, dilation=dil, augmult=K, out=out)
+    args = ((kh, kw), s, pad, dil, K)
+    assert_fp32(n, psn.per_sample_norm_conv2d_ref(x.double(), delta.double(), *args))
+    assert_fp32(out.flatten(2), psn.per_sample_grad_conv2d_ref(x.double(), delta.double(), *args))
+
+
+def test_per_sample_norm_conv2d_bf16():
+    gen = torch.Generator().manual_seed(3)
+    x, delta = randn(2, 3, 6, 5, dtype=torch.bfloat16, gen=gen), randn(2, 18, 6, 5, dtype=torch.bfloat16, gen=gen)
+    n = psn.per_sample_norm_conv2d(x, delta, 3, padding=1)
+    ref = psn.per_sample_norm_conv2d_ref(x.double(), delta.double(), 3, 1, 1)
+    assert_low_precision(n, ref, psn.per_sample_norm_conv2d_ref(x, delta, 3, 1, 1))
+
+
+def test_per_sample_norm_empty():
+    assert psn.per_sample_norm(randn(0, 4, 3), randn(0, 4, 2)).shape == (0,)
+    out = nan_like((2, 2, 3))
+    assert torch.equal(psn.per_sample_norm(randn(2, 0, 3), randn(2, 0, 2), out=out).cpu(), torch.zeros(2))
+    assert torch.equal(out.cpu(), torch.zeros(2, 2, 3))
+    assert psn.per_sample_norm_conv2d(randn(0, 3, 5, 5), randn(0, 4, 3, 3), 3).shape == (0,)
+
+
+def test_per_sample_norm_errors():
+    with pytest.raises(ValueError, match=r"agree in B and T.*\(2, 4, 3\).*\(2, 5, 2\)"):
+        psn.per_sample_norm(randn(2, 4, 3), randn(2, 5, 2))
+    with pytest.raises(TypeError, match="same dtype"):
+        psn.per_sample_norm(randn(2, 4, 3), randn(2, 4, 2, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 2, 3\)"):
+        psn.per_sample_norm(randn(2, 4, 3), randn(2, 4, 2), out=nan_like((2, 3, 2)))
+    with pytest.raises(ValueError, match=r"delta must be \(N=2, p, 3, 3\)"):
+        psn.per_sample_norm_conv2d(randn(2, 3, 5, 5), randn(2, 4, 5, 5), 3)
+    with pytest.raises(ValueError, match="augmult"):
+        psn.per_sample_norm_conv2d(randn(3, 3, 5, 5), randn(3, 4, 3, 3), 3, augmult=2)
+
+
+# ------------------------------------------------------------------------------------------------- ghost norm
+
+
+@pytest.mark.parametrize("B, T, d, p", [(3, 37, 18, 20), (1, 1, 5, 3)])
+def test_ghost_norm(B, T, d, p):
+    # T = 37: three row tiles, so diagonal and (doubled) off-diagonal tile pairs, the last one partial
+    gen = torch.Generator().manual_seed(T)
+    a, delta = randn(B, T, d, gen=gen), randn(B, p, T, gen=gen).transpose(1, 2)
+    n = gn.ghost_norm(a, delta)
+    assert n.shape == (B,) and n.dtype == torch.float32
+    assert_fp32(n, gn.ghost_norm_ref(a.double(), delta.double()))
+    # it is the same quantity as the instantiated norm
+    assert_fp32(n, psn.per_sample_norm_ref(a.double(), delta.double()))
+
+
+def test_ghost_norm_bf16_and_empty():
+    gen = torch.Generator().manual_seed(4)
+    a, delta = randn(2, 37, 18, dtype=torch.bfloat16, gen=gen), randn(2, 37, 20, dtype=torch.bfloat16, gen=gen)
+    assert_low_precision(
+        gn.ghost_norm(a, delta), gn.ghost_norm_ref(a.double(), delta.double()), gn.ghost_norm_ref(a, delta)
+    )
+    assert gn.ghost_norm(randn(0, 3, 2), randn(0, 3, 4)).shape == (0,)
+    assert torch.equal(gn.ghost_norm(randn(2, 0, 2), randn(2, 0, 4)).cpu(), torch.zeros(2))
+
+
+# ------------------------------------------------------------------------------------------------ clip-reduce
+
+
+@pytest.mark.parametrize("B, shape", [(11, (7, 9)), (1, ()), (3, (40,))])
+def test_clip_reduce(B, shape):
+    # B = 11 splits the rows over two programs (partials + second pass); B = 1, () is a scalar parameter
+    gen = torch.Generator().manual_seed(B)
+    g = randn(B, *shape, gen=gen)
+    c = torch.rand(B, generator=gen).to(DEVICE)
+    s = cr.clip_reduce(g, c)
+    assert s.shape == shape and s.dtype == torch.float32
+    assert_fp32(s, cr.clip_reduce_ref(g.double(), c.double()))
+
+
+def test_clip_reduce_strided_bf16_empty():
+    gen = torch.Generator().manual_seed(5)
+    g = randn(9, 2, 40, gen=gen)[:, 1]  # rows strided by 80
+    c = torch.rand(9, generator=gen).to(DEVICE)
+    assert_fp32(cr.clip_reduce(g, c), cr.clip_reduce_ref(g.double(), c.double()))
+    gb = g.bfloat16()
+    ref = cr.clip_reduce_ref(gb.double(), c.double())
+    assert_low_precision(cr.clip_reduce(gb, c, out_dtype=torch.float32), ref, cr.clip_reduce_ref(gb, c))
+    assert cr.clip_reduce(gb, c).dtype == torch.bfloat16
+    assert torch.equal(cr.clip_reduce(randn(0, 3, 2), torch.zeros(0, device=DEVICE)).cpu(), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"\(9,\) vector.*got \(8,\)"):
+        cr.clip_reduce(g, c[:8])
+
+
+@pytest.mark.parametrize("B, T, d, p", [(3, 7, 18, 20), (2, 20, 16, 33), (5, 1, 17, 3)])
+def test_clip_reduce_bookkeeping(B, T, d, p):
+    # (2, 20, ...) has 40 rows: two row splits; (5, 1, ...) one position per example
+    gen = torch.Generator().manual_seed(B * T)
+    a, delta = randn(B, T, d, gen=gen), randn(B, T, p, gen=gen)
+    c = torch.rand(B, generator=gen).to(DEVICE)
+    s = cr.clip_reduce_bookkeeping(a, delta, c)
+    assert s.shape == (p, d)
+    assert_fp32(s, cr.clip_reduce_bookkeeping_ref(a.double(), delta.double(), c.double()))
+    # the same sum as weighting the instantiated per-example gradients
+    assert_fp32(s, cr.clip_reduce_ref(psn.per_sample_grad_ref(a.double(), delta.double()), c.double()))
+
+
+def test_clip_reduce_bookkeeping_bf16_empty():
+    gen = torch.Generator().manual_seed(6)
+    a, delta = randn(2, 20, 16, dtype=torch.bfloat16, gen=gen), randn(2, 20, 33, dtype=torch.bfloat16, gen=gen)
+    c = torch.rand(2, generator=gen).to(DEVICE)
+    # plain torch scales delta in bf16 too; the kernel rounds c * delta to bf16 once, then accumulates in fp32
+    ref = cr.clip_reduce_bookkeeping_ref(a.double(), delta.double(), c.double())
+    out = cr.clip_reduce_bookkeeping(a, delta, c, out_dtype=torch.float32)
+    assert_low_precision(out, ref, cr.clip_reduce_bookkeeping_ref(a, delta, c))
+    empty = cr.clip_reduce_bookkeeping(randn(0, 3, 4), randn(0, 3, 2), torch.zeros(0, device=DEVICE))
+    assert torch.equal(empty.cpu(), torch.zeros(2, 4))
+
+
+# ------------------------------------------------------------------------------------------------- noisy step
+
+SHAPES = [(7,), (13, 11), (1,), (70,), (3, 2, 5)]  # end to end: offsets 5, 12, 155, 156, 226 (not multiples of 4)
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "sgd-momentum-wd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+    "nesterov": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "adam-l2": lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1),
+    "adamw": lambda ps: torch.optim.AdamW(
+        [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3}], lr=1e-2, weight_decay=0.1
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_noisy_step_matches_torch_optimizer(name):
+    gen = torch.Generator().manual_seed(7)
+    params = [randn(*s, gen=gen) for s in SHAPES]
+    ref_params = [p.clone() for p in params]
+    opt, ref_opt = OPTIMIZERS[name](params), OPTIMIZERS[name](ref_params)
+    for step in range(3):  # the first step starts the state, the later ones read it
+        sums = [None if i == 2 else randn(*s, gen=gen) for i, s in enumerate(SHAPES)]
+        std = 0.0 if step == 1 else 0.7
+        kw = dict(std=std, expected_batch_size=4, seed=2**35 + 3, step=step, offset=5)
+        ns.noisy_optimizer_step(opt, sums, **kw)
+        ns.noisy_step_ref(ref_opt, sums, **kw)
+        # the noise agrees to a few ulp (see the philox test); each update adds a few fp32 roundings
+        for p, q in zip(params, ref_params, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, q in zip(params, ref_params, strict=True):
+        st, ref_st = opt.state[p], ref_opt.state[q]
+        assert st.keys() == ref_st.keys()
+        for key in st:
+            if isinstance(st[key], torch.Tensor):
+                torch.testing.assert_close(st[key], ref_st[key].to(st[key].device), rtol=1e-5, atol=1e-6)
+
+
+def test_noisy_step_bf16_params():
+    gen = torch.Generator().manual_seed(8)
+    p32 = [randn(*s, gen=gen) for s in SHAPES]
+    sums = [randn(*s, gen=gen).bfloat16() for s in SHAPES]
+    params = [p.bfloat16() for p in p32]
+    exact = [p.bfloat16().double() for p in p32]
+    lp = [p.bfloat16() for p in p32]
+    bufs: list = [None] * len(SHAPES)
+    kw = dict(std=0.7, expected_batch_size=4, seed=1, step=0)
+    ns.noisy_step(params, sums, **kw, optimizer="sgd", lr=0.1, momentum=0.9, momentum_buffers=bufs)
+    ns.noisy_step_ref(torch.optim.SGD(exact, lr=0.1, momentum=0.9), [s.double() for s in sums], **kw)
+    ns.noisy_step_ref(torch.optim.SGD(lp, lr=0.1, momentum=0.9), sums, **kw)
+    assert all(b.dtype == torch.bfloat16 for b in bufs)
+    for p, e, q in zip(params, exact, lp, strict=True):
+        assert_low_precision(p, e, q)
+
+
+def test_noisy_step_mixed_dtypes_and_offsets():
+    # one launch per (param dtype, sum dtype): fp32 params with bf16 and fp32 sums, explicit offsets out of order
+    gen = torch.Generator().manual_seed(9)
+    params = [randn(37, gen=gen), randn(5, 3, gen=gen), randn(64, gen=gen)]
+    sums = [randn(37, gen=gen).bfloat16(), randn(5, 3, gen=gen), None]
+    offsets = [1000, 3, 2**33 + 2]
+    ref = [p.clone() for p in params]
+    kw = dict(std=0.5, expected_batch_size=3, seed=4, step=11)
+    ns.noisy_step(params, sums, **kw, offsets=offsets, optimizer="adamw", lr=0.01, weight_decay=0.1)
+    for p, s, o in zip(ref, sums, offsets, strict=True):
+        ns.noisy_step_ref(torch.optim.AdamW([p], lr=0.01, weight_decay=0.1), [s], **kw, offset=o)
+    for p, q in zip(params, ref, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_noisy_step_edge_cases():
+    p = randn(5)
+    before = p.clone()
+    ns.noisy_step([], [], std=1.0, expected_batch_size=2, seed=0, step=0, lr=0.1)  # nothing to do
+    ns.noisy_step([randn(0), p], [None, None], std=0.0, expected_batch_size=2, seed=0, step=0, lr=0.1)
+    assert torch.equal(p, before)  # no sum, no noise, no decay: a zero gradient
+    with pytest.raises(ValueError, match="got 1 params and 2 sums"):
+        ns.noisy_step([p], [None, None], std=1.0, expected_batch_size=2, seed=0, step=0, lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[0\].*not contiguous"):
+        ns.noisy_step([randn(4, 3).t()], [None], std=1.0, expected_batch_size=2, seed=0, step=0, lr=0.1)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        ns.noisy_step([p], [None], std=1.0, expected_batch_size=2, seed=0, step=0, lr=0.1, optimizer="lion")
+    with pytest.raises(ValueError, match="dampening must be 0"):
+        ns.noisy_optimizer_step(
+            torch.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.1), [None], std=1.0, expected_batch_size=2, seed=0,
+            step=0,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- without triton
+
+
+def test_kernel_modules_import_without_triton():
+    """The references stay usable (the torch backend's) and launching explains how to get Triton."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fastdp\n"
+        "from fastdp.kernels import per_sample_norm as m, ghost_norm, clip_reduce, noisy_step\n"
+        "one = torch.ones(1, 2, 3, dtype=torch.float64)\n"
+        "n = m.per_sample_norm_ref(one, one[..., :2])\n"
+        "assert abs(n.item() - 24.0) < 1e-12\n"
+        "try:\n"
+        "    m.per_sample_norm(torch.ones(1, 2, 3), torch.ones(1, 2, 2))\n"
+        "except ImportError as e:\n"
+        "    assert 'pip install triton' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter never compiles: build every kernel through PTX to a cubin for sm_90 (no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "fastdp.kernels._compile_check", "--arch", "90"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if r.returncode == 2:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("ok   sm_90") >= 16, r.stdout
+
+
+# ------------------------------------------------------------------------------------------------------- GPU
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_norms_and_reductions_realistic_shapes(dtype):
+    gen = torch.Generator().manual_seed(9)
+    a, delta = randn(8, 300, 257, dtype=dtype, gen=gen), randn(8, 300, 130, dtype=dtype, gen=gen)
+    ref = psn.per_sample_norm_ref(a.double(), delta.double())
+    check = assert_fp32 if dtype == torch.float32 else None
+    for n, lp in (
+        (psn.per_sample_norm(a, delta), psn.per_sample_norm_ref(a, delta)),
+        (gn.ghost_norm(a, delta), gn.ghost_norm_ref(a, delta)),
+    ):
+        if check:
+            check(n, ref, rel=1e-5)
+        else:
+            assert_low_precision(n, ref, lp)
+    x, dx = randn(8, 64, 16, 16, dtype=dtype, gen=gen), randn(8, 128, 8, 8, dtype=dtype, gen=gen)
+    n = psn.per_sample_norm_conv2d(x, dx, 3, stride=2, padding=1)
+    ref = psn.per_sample_norm_conv2d_ref(x.double(), dx.double(), 3, 2, 1)
+    if check:
+        check(n, ref, rel=1e-5)
+    else:
+        assert_low_precision(n, ref, psn.per_sample_norm_conv2d_ref(x, dx, 3, 2, 1))
+    c = torch.rand(8, generator=gen).to(DEVICE)
+    s = cr.clip_reduce_bookkeeping(a, delta, c, out_dtype=torch.float32)
+    ref = cr.clip_reduce_bookkeeping_ref(a.double(), delta.double(), c.double())
+    if check:
+        check(s, ref, rel=1e-5)
+    else:
+        assert_low_precision(s, ref, cr.clip_reduce_bookkeeping_ref(a, delta, c))
+
+
+@gpu
+@needs_cuda
+def test_gpu_philox_and_step_one_million():
+    n = 1 << 20
+    z, ref = ns.philox_normal(n, seed=3, step=9, offset=1).cpu(), philox_normal(n, seed=3, step=9, offset=1)
+    eps = torch.finfo(torch.float32).eps
+    assert ((z - ref).abs() <= 4 * eps * ref.abs() + 4 * eps * 6.8).all()
+    gen = torch.Generator().manual_seed(10)
+    params = [randn(1000, 999, gen=gen), randn(999, gen=gen)]
+    ref_params = [p.clone() for p in params]
+    opt, ref_opt = torch.optim.Adam(params, lr=1e-3), torch.optim.Adam(ref_params, lr=1e-3)
+    for step in range(2):
+        sums = [randn(*p.shape, gen=gen) for p in params]
+        ns.noisy_optimizer_step(opt, sums, std=1.0, expected_batch_size=256, seed=3, step=step)
+        ns.noisy_step_ref(ref_opt, sums, std=1.0, expected_batch_size=256, seed=3, step=step)
+    for p, q in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
