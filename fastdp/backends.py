@@ -3,12 +3,23 @@
 ``torch`` is the exact reference and always available. ``triton``, ``cuda`` and ``cpp`` (fused kernels in
 kernels/ and csrc/) register themselves when their code is present and loads; until then an explicit
 request for one is an error, and ``auto`` picks the best available. ``FASTDP_BACKEND`` overrides ``auto``.
+
+``cpp`` and ``cuda`` are the compiled extension ``fastdp._C`` (fastdp/_ext.py loads it once and keeps the
+import error): ``cpp`` when it loaded, ``cuda`` when it also has its CUDA kernels and a GPU is visible.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 from dataclasses import dataclass
+
+import torch
+
+from fastdp import _ext
+
+logger = logging.getLogger("fastdp")
 
 KNOWN = ("torch", "triton", "cuda", "cpp")
 
@@ -20,13 +31,42 @@ class Backend:
 
 _AVAILABLE: dict[str, Backend] = {"torch": Backend("torch")}
 #: why a known backend is not available (shown when someone asks for it explicitly)
-_MISSING: dict[str, str] = {
-    "triton": "the Triton kernels are not part of this build yet",
-    "cuda": "the compiled extension fastdp._C (CUDA) is not part of this build yet",
-    "cpp": "the compiled extension fastdp._C (CPU) is not part of this build yet",
-}
+_MISSING: dict[str, str] = {}
 #: preference order of ``auto``
 _PREFERENCE = ("cuda", "triton", "cpp", "torch")
+
+
+def _register_extension() -> None:
+    """Register ``cpp`` / ``cuda`` from what fastdp._C provides, or record why not."""
+    if not _ext.cpu_available():
+        _MISSING["cpp"] = _MISSING["cuda"] = _ext.import_error_message()
+        return
+    _AVAILABLE["cpp"] = Backend("cpp")
+    if not _ext.cuda_compiled():
+        _MISSING["cuda"] = (
+            "fastdp._C was built without its CUDA kernels (at build time there was no nvcc, torch was a CPU "
+            f"build, or no GPU was visible and FORCE_CUDA=1 was not set); {_ext.REBUILD_HINT}"
+        )
+    elif not torch.cuda.is_available():
+        _MISSING["cuda"] = "fastdp._C has its CUDA kernels but no CUDA device is visible (torch.cuda.is_available())"
+    else:
+        _AVAILABLE["cuda"] = Backend("cuda")
+
+
+def _register_triton() -> None:
+    """``triton`` when Triton is installed and a CUDA device is visible (the kernels in kernels/ are imported lazily;
+    on a CPU they run only under TRITON_INTERPRET=1, which is for tests, not a backend)."""
+    if importlib.util.find_spec("triton") is None:
+        _MISSING["triton"] = "Triton is not installed (pip install 'fastdp[triton]' on Linux x86-64 with a GPU)"
+    elif not torch.cuda.is_available():
+        _MISSING["triton"] = "no CUDA device is visible (torch.cuda.is_available() is False)"
+    else:
+        _AVAILABLE["triton"] = Backend("triton")
+
+
+_register_extension()
+_register_triton()
+_warned_fallback = False
 
 
 def available_backends() -> list[str]:
@@ -43,9 +83,19 @@ def resolve_backend(name: str = "auto") -> Backend:
     if name == "auto":
         name = os.environ.get("FASTDP_BACKEND", "auto")
         if name == "auto":
+            _log_extension_fallback()
             return _AVAILABLE[available_backends()[0]]
     if name not in KNOWN:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {KNOWN}")
     if name not in _AVAILABLE:
         raise ValueError(f"backend {name!r} was requested but is not available: {_MISSING.get(name, 'not loaded')}")
     return _AVAILABLE[name]
+
+
+def _log_extension_fallback() -> None:
+    """One log line when ``auto`` cannot use a compiled extension that exists but failed to load."""
+    global _warned_fallback
+    if _warned_fallback or _ext.IMPORT_ERROR is None or _ext.not_built():
+        return
+    _warned_fallback = True
+    logger.warning("fastdp: backend 'auto' falls back to %r: %s", available_backends()[0], _ext.import_error_message())

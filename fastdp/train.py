@@ -83,6 +83,7 @@ def _lr_lambda(cfg: TrainConfig, steps: int):
 
 def steps_within_budget(cfg: TrainConfig, sample_rate: float, steps: int) -> int:
     """The most steps <= ``steps`` whose epsilon stays within the target, for a given noise multiplier."""
+
     def eps(t: int) -> float:
         return compute_epsilon(cfg.noise_multiplier, sample_rate, t, cfg.delta, cfg.accountant)
 
