@@ -20,8 +20,9 @@ from torch import nn
 
 from fastdp.accounting import PrivacyAccountant, calibrate_noise_multiplier, steps_for_epochs
 from fastdp.backends import resolve_backend
-from fastdp.distributed import active_group, all_reduce_sum, broadcast_module
+from fastdp.distributed import active_group, all_reduce_sum, broadcast_int, broadcast_module
 from fastdp.engine import GradSampleEngine
+from fastdp.fused_step import FusedStep, fused_kind
 from fastdp.noise import GaussianNoise
 
 
@@ -96,6 +97,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.expected_batch_size = int(expected_batch_size)
         self.sample_size = None if sample_size is None else int(sample_size)
         self.backend = resolve_backend(backend)
+        self._backend_requested = backend != "auto"
         self.accountant = PrivacyAccountant(accountant)
         self.noise_multiplier = self._noise_multiplier(
             noise_multiplier, target_epsilon, target_delta, steps, epochs, accountant
@@ -124,6 +126,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.group = active_group(process_group)
         if self.group is not None:
             broadcast_module(model, self.group)
+            if not secure_rng:  # a fused step draws the same noise on every rank from the same seed
+                self.noise.seed = broadcast_int(self.noise.seed, self.group)
+        self._fused: FusedStep | None | bool = None  # decided at the first step (parameters may move before it)
         self.steps_taken = 0
         self.per_sample_norms = torch.zeros(0)
         self.examples_last_batch = 0
@@ -183,6 +188,24 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         summed, norms = self.engine.pop()
         std = self.noise_multiplier * self.max_grad_norm
+        fused = self._fused_step()
+        if fused is not None and fused.ready():
+            # one call: noise (the Philox stream of (seed, step), the same on every rank), / B and the update
+            if self.group is not None:
+                sums = [summed.get(p, None) for p in self.engine.params]
+                sums = [torch.zeros_like(p) if g is None else g for p, g in zip(self.engine.params, sums, strict=True)]
+                all_reduce_sum(sums, self.group, what=f"the clipped sums of step {self.steps_taken + 1}")
+                summed = dict(zip(self.engine.params, sums, strict=True))
+            fused(summed, std, self.expected_batch_size, self.noise.seed, self.steps_taken)
+        else:
+            self._torch_step(summed, std)
+        self.per_sample_norms = norms
+        self.examples_last_batch = norms.numel()
+        self.steps_taken += 1
+        if self.sample_rate is not None:
+            self.accountant.step(self.sample_rate, self.noise_multiplier)
+
+    def _torch_step(self, summed: dict[nn.Parameter, torch.Tensor], std: float) -> None:
         # with several ranks only rank 0 adds noise, before the sums are added up: the total carries it once
         noisy = std > 0 and (self.group is None or dist.get_rank(self.group) == 0)
         grads = []
@@ -199,11 +222,22 @@ class DPOptimizer(torch.optim.Optimizer):
         for p, g in zip(self.engine.params, grads, strict=True):
             p.grad = g.div_(self.expected_batch_size)
         self.inner.step()
-        self.per_sample_norms = norms
-        self.examples_last_batch = norms.numel()
-        self.steps_taken += 1
-        if self.sample_rate is not None:
-            self.accountant.step(self.sample_rate, self.noise_multiplier)
+
+    def _fused_step(self) -> FusedStep | None:
+        """The cpp backend's one-call step when it can run this optimizer on these parameters (fastdp.fused_step)."""
+        if self._fused is None:
+            self._fused = False
+            if self.backend.name == "cpp" and not self.noise.secure:
+                kind = fused_kind(self.inner, self.engine.params)
+                if kind is not None:
+                    self._fused = FusedStep(self.inner, kind)
+                elif self._backend_requested:
+                    warnings.warn(
+                        f"fastdp: backend 'cpp' has no fused step for {type(self.inner).__name__} on these parameters "
+                        "(fastdp.fused_step lists what it runs); the step takes the torch path.",
+                        stacklevel=3,
+                    )
+        return self._fused or None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the parameters' gradients and any clipped sums not yet consumed by step()."""
