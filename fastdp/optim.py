@@ -114,6 +114,7 @@ class DPOptimizer(torch.optim.Optimizer):
             memory_budget=memory_budget,
             strategy=strategy,
             autotune=autotune,
+            backend=self.backend.name,
         )
         dp_params = {id(p) for p in self.engine.params}
         for group in optimizer.param_groups:

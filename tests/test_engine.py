@@ -10,10 +10,16 @@ import torch
 from conftest import reduce_rows, reference, row_loss
 from models import MODELS, Conv2dNet, SharedNet
 
+import fastdp
 from fastdp.engine import GradSampleEngine
 
+#: backends whose engine kernels run on CPU tensors here (cpp: fastdp._C's clip-and-reduce)
+BACKENDS = [b for b in ("torch", "cpp") if b in fastdp.available_backends()]
 
-def run_engine(model, batches, *, max_grad_norm, augmult=1, reduction="mean", strategy=None, clipping="flat"):
+
+def run_engine(
+    model, batches, *, max_grad_norm, augmult=1, reduction="mean", strategy=None, clipping="flat", backend="torch"
+):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eng = GradSampleEngine(
@@ -23,6 +29,7 @@ def run_engine(model, batches, *, max_grad_norm, augmult=1, reduction="mean", st
             loss_reduction=reduction,
             strategy=strategy,
             clipping=clipping,
+            backend=backend,
         )
     for x, t in batches:
         reduce_rows(row_loss(model(x), t), reduction).backward()
@@ -44,7 +51,8 @@ def split(x, t, sizes):
 @pytest.mark.parametrize("strategy", [None, "keep", "unfold", "instantiate_bk", "unfold_bk", "ghost", "shifted_ghost"])
 @pytest.mark.parametrize("augmult", [1, 3])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_rules_match_float64_loop(name, strategy, augmult, reduction):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rules_match_float64_loop(name, strategy, augmult, reduction, backend):
     torch.manual_seed(hash((name, strategy, augmult, reduction)) % 2**31)
     model = MODELS[name]()
     examples = 5
@@ -55,7 +63,13 @@ def test_rules_match_float64_loop(name, strategy, augmult, reduction):
     ref, _ = reference(model, x, t, max_grad_norm=C, augmult=augmult)
     sizes = [2 * augmult, 3 * augmult]  # two micro-batches in one logical batch
     got, norms = run_engine(
-        model, split(x, t, sizes), max_grad_norm=C, augmult=augmult, reduction=reduction, strategy=strategy
+        model,
+        split(x, t, sizes),
+        max_grad_norm=C,
+        augmult=augmult,
+        reduction=reduction,
+        strategy=strategy,
+        backend=backend,
     )
     assert (ref_norms > C).any() and (ref_norms < C).any()
     torch.testing.assert_close(norms.double(), ref_norms, rtol=2e-5, atol=1e-7)
@@ -69,13 +83,14 @@ def test_rules_match_float64_loop(name, strategy, augmult, reduction):
 
 
 @pytest.mark.parametrize("name", ["conv2d", "ws", "seq"])
-def test_float64_model_is_exact(name):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_model_is_exact(name, backend):
     torch.manual_seed(1)
     model = MODELS[name]().double()
     x, t = MODELS[name].inputs(4)
     x = x.double() if x.is_floating_point() else x
     ref, ref_norms = reference(model, x, t.double(), max_grad_norm=0.3)
-    got, norms = run_engine(model, [(x, t.double())], max_grad_norm=0.3)
+    got, norms = run_engine(model, [(x, t.double())], max_grad_norm=0.3, backend=backend)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=1e-12)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)

@@ -15,7 +15,26 @@ weight is not enough because 0 * nan = nan.
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
+
+#: the clip-and-reduce kernel of the engine's backend while it finishes a backward: (G (B, P), w (B,)) -> (P,), or
+#: None where it does not apply (device, dtype, layout) and the torch reduction runs
+Reducer = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+_REDUCER: contextvars.ContextVar[Reducer | None] = contextvars.ContextVar("fastdp_clip_reduce", default=None)
+
+
+@contextmanager
+def reducing_with(reducer: Reducer | None) -> Iterator[None]:
+    """Run the weighted sums of kept per-example gradients through ``reducer`` (the engine's backend)."""
+    token = _REDUCER.set(reducer)
+    try:
+        yield
+    finally:
+        _REDUCER.reset(token)
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,8 +86,12 @@ class Kept(Contribution):
         return sq_norms(self.grads)
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        g = self.grads
-        return (w.to(g.dtype) @ g.reshape(g.shape[0], -1)).view(g.shape[1:])
+        g = self.grads.reshape(self.grads.shape[0], -1)
+        reducer = _REDUCER.get()
+        out = None if reducer is None else reducer(g, w)
+        if out is None:
+            out = w.to(g.dtype) @ g
+        return out.view(self.grads.shape[1:])
 
     def instantiate(self) -> torch.Tensor:
         return self.grads

@@ -16,8 +16,10 @@ from types import MethodType
 import torch
 from torch import nn
 
+from fastdp.backends import resolve_backend
 from fastdp.engine.clipping import get_clipping
-from fastdp.engine.contributions import Contribution, Summed
+from fastdp.engine.contributions import Contribution, Summed, reducing_with
+from fastdp.engine.reducers import reducer_for
 from fastdp.rules import fallback_rule, rule_for
 from fastdp.rules.base import LayerCall, LayerFunction, Rule
 
@@ -46,6 +48,7 @@ class GradSampleEngine:
         strategy: force one strategy on every layer that offers it (testing and benchmarking); None to plan.
         autotune: plan by timing every candidate once per layer and input shape (on the real input and a
             random output gradient); False ranks them by the analytic cost model of fastdp.engine.costs.
+        backend: whose kernels finish the clipped sums ("auto", "torch", "cpp", ...; fastdp.backends).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class GradSampleEngine:
         memory_budget: float | str | None = "auto",
         strategy: str | None = None,
         autotune: bool = True,
+        backend: str = "auto",
     ) -> None:
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
@@ -77,6 +81,8 @@ class GradSampleEngine:
         self.memory_budget = memory_budget
         self.strategy = strategy
         self.autotune = autotune
+        self.backend = resolve_backend(backend)
+        self.reducer = reducer_for(self.backend.name)
 
         self.summed: dict[nn.Parameter, torch.Tensor] = {}
         self.norms: list[torch.Tensor] = []
@@ -284,10 +290,11 @@ class GradSampleEngine:
             for c in merged.values():
                 c.drop(finite)
         weights = factors * scale
-        for p, c in merged.items():
-            s = c.weighted_sum(weights).to(p.dtype).view_as(p)
-            prev = self.summed.get(p)
-            self.summed[p] = s if prev is None else prev + s
+        with reducing_with(self.reducer):
+            for p, c in merged.items():
+                s = c.weighted_sum(weights).to(p.dtype).view_as(p)
+                prev = self.summed.get(p)
+                self.summed[p] = s if prev is None else prev + s
         self.norms.append(norms.detach())
 
     # ------------------------------------------------------------------ logical batch
