@@ -22,7 +22,7 @@ from fastdp.accounting import PrivacyAccountant, calibrate_noise_multiplier, ste
 from fastdp.backends import resolve_backend
 from fastdp.distributed import active_group, all_reduce_sum, broadcast_int, broadcast_module
 from fastdp.engine import GradSampleEngine
-from fastdp.fused_step import FusedStep, fused_kind
+from fastdp.fused_step import FUSED_DEVICE, FusedStep, fused_kind
 from fastdp.noise import GaussianNoise
 
 
@@ -225,17 +225,18 @@ class DPOptimizer(torch.optim.Optimizer):
         self.inner.step()
 
     def _fused_step(self) -> FusedStep | None:
-        """The cpp backend's one-call step when it can run this optimizer on these parameters (fastdp.fused_step)."""
+        """The backend's one-call step when it can run this optimizer on these parameters (fastdp.fused_step)."""
         if self._fused is None:
             self._fused = False
-            if self.backend.name == "cpp" and not self.noise.secure:
-                kind = fused_kind(self.inner, self.engine.params)
+            name = self.backend.name
+            if name in FUSED_DEVICE and not self.noise.secure:
+                kind = fused_kind(self.inner, self.engine.params, name)
                 if kind is not None:
-                    self._fused = FusedStep(self.inner, kind)
+                    self._fused = FusedStep(self.inner, kind, name)
                 elif self._backend_requested:
                     warnings.warn(
-                        f"fastdp: backend 'cpp' has no fused step for {type(self.inner).__name__} on these parameters "
-                        "(fastdp.fused_step lists what it runs); the step takes the torch path.",
+                        f"fastdp: backend {name!r} has no fused step for {type(self.inner).__name__} on these "
+                        "parameters (fastdp.fused_step lists what it runs); the step takes the torch path.",
                         stacklevel=3,
                     )
         return self._fused or None

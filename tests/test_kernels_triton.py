@@ -430,3 +430,41 @@ def test_gpu_philox_and_step_one_million():
         ns.noisy_step_ref(ref_opt, sums, std=1.0, expected_batch_size=256, seed=3, step=step)
     for p, q in zip(params, ref_params, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_dpoptimizer_triton_step_matches_the_cpp_step(name):
+    """DPOptimizer's fused-step glue for the ``triton`` backend (fastdp.fused_step), run on CPU tensors in the
+    interpreter, against the cpp backend's step: the same Philox noise and the same update over several steps."""
+    import copy
+
+    import torch.nn.functional as F
+
+    import fastdp
+    from fastdp.fused_step import FusedStep, fused_kind
+
+    if "cpp" not in fastdp.available_backends():
+        pytest.skip("fastdp._C is not built")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(6, 7), torch.randint(0, 3, (6,))
+    runs = []
+    for backend in ("cpp", "triton"):
+        model = copy.deepcopy(base)
+        if name == "sgd":
+            inner = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, nesterov=True, weight_decay=0.01)
+        else:
+            inner = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+        opt = fastdp.DPOptimizer(
+            inner, model, noise_multiplier=1.1, max_grad_norm=0.5, expected_batch_size=4, seed=5, backend="cpp"
+        )
+        if backend == "triton":
+            opt._fused = FusedStep(inner, fused_kind(inner, opt.engine.params, "cpp"), "triton")
+        for _ in range(3):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append(model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        # the two backends' float32 transcendental functions differ by a few ulp in the noise
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
