@@ -306,6 +306,8 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
     bar.close()
     ckpt = checkpoint()
     if owns_group:
+        # leave together: a rank tearing down gloo while its peer is still sending aborts the peer's process
+        dist.barrier()
         dist.destroy_process_group()
     if not main_rank:
         return None
