@@ -49,7 +49,10 @@ class TrainConfig:
     crop_padding: int = 0
     flip: bool = False
     # run
-    seed: int = 0
+    seed: int = 0  # model initialisation and augmentation
+    # seeds the Poisson sampling and the noise. None (default): drawn from OS entropy, because anyone who knew it
+    # could tell which examples each step used and subtract the noise. Fix it only for tests and debugging.
+    secret_seed: int | None = None
     device: str = "cpu"
     amp: str = "none"  # none | bf16
     threads: int | None = None  # CPU threads (None: torch's default)

@@ -28,7 +28,7 @@ from torch import nn
 from fastdp.accounting import compute_epsilon
 from fastdp.checkpoint import load_checkpoint, save_checkpoint
 from fastdp.data import DistributedPoissonSampler, PoissonSampler, augment, load_dataset, normalize
-from fastdp.distributed import gather_objects, init_from_env, sum_floats
+from fastdp.distributed import broadcast_int, gather_objects, init_from_env, sum_floats
 from fastdp.ema import EMA
 from fastdp.models import build_model, load_timm_checkpoint
 from fastdp.optim import DPOptimizer
@@ -45,17 +45,24 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
-def _seeds(seed: int, rank: int = 0) -> dict[str, int]:
-    """Independent seeds for the sampler, the noise, the augmentation and torch's global RNG (stochastic depth):
-    the DP analysis assumes the noise is independent of the sampling, which two generators seeded alike would not
-    be. The sampler and the noise are global (the same on every rank); augmentation and torch's RNG are per rank."""
-    children = np.random.SeedSequence(seed).spawn(4)
+def _seeds(seed: int, secret: int, rank: int = 0) -> dict[str, int]:
+    """Independent seeds: augmentation and torch's global RNG (stochastic depth) from ``seed``, per rank; the Poisson
+    sampler and the noise from ``secret``, the same on every rank. The DP analysis assumes the noise independent of
+    the sampling (two generators seeded alike would not be) and both unknown to an adversary."""
     out = {}
-    for k, c in zip(("sampler", "noise", "augment", "torch"), children, strict=True):
-        if k in ("augment", "torch"):
-            c = np.random.SeedSequence([int(c.generate_state(1)[0]), rank])
+    for k, c in zip(("augment", "torch"), np.random.SeedSequence(seed).spawn(2), strict=True):
+        out[k] = int(np.random.SeedSequence([int(c.generate_state(1)[0]), rank]).generate_state(1, np.uint64)[0] >> 1)
+    for k, c in zip(("sampler", "noise"), np.random.SeedSequence(secret).spawn(2), strict=True):
         out[k] = int(c.generate_state(1, dtype=np.uint64)[0] >> 1)
     return out
+
+
+def _secret_seed(cfg: TrainConfig, world: int) -> int:
+    """cfg.secret_seed, else 63 bits of OS entropy (rank 0's on every rank: the sampling is one global draw)."""
+    if cfg.secret_seed is not None:
+        return int(cfg.secret_seed)
+    secret = int.from_bytes(os.urandom(8), "little") >> 1
+    return broadcast_int(secret, dist.group.WORLD) if world > 1 else secret
 
 
 _OPTIMIZERS = {
@@ -158,7 +165,7 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
     device = torch.device(device_name)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seeds = _seeds(cfg.seed, rank)
+    seeds = _seeds(cfg.seed, _secret_seed(cfg, world), rank)
     torch.manual_seed(cfg.seed)  # the model's initialisation (rank 0's is broadcast anyway)
 
     train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)
@@ -176,6 +183,8 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
 
     privacy = dict(
         max_grad_norm=cfg.max_grad_norm, expected_batch_size=cfg.batch_size, augmult=cfg.augmult,
+        # the noise and sampling generators' states are in the checkpoint, so a resumed run continues both streams
+        # (a checkpoint is therefore as private as the training data)
         clipping=cfg.clipping, accountant=cfg.accountant, seed=seeds["noise"], sample_size=n,
         autotune=cfg.autotune,
     )  # fmt: skip

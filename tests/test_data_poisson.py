@@ -75,7 +75,7 @@ def test_seeding_and_generators() -> None:
     torch.manual_seed(11)
     a = run()
     torch.manual_seed(11)
-    assert run() == a  # without seed/generator, the global RNG decides
+    assert run() != a  # without seed/generator, OS entropy decides: torch.manual_seed does not make it predictable
     # Successive passes continue the stream instead of repeating it.
     s = PoissonSampler(100, sample_rate=0.1, steps=20, seed=5)
     assert list(s) != list(s)

@@ -40,6 +40,7 @@ def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path):
         "--momentum", "0.5", "--lr-schedule", "cosine", "--max-physical-batch", "48", "--checkpoint-every", "2",
         "--noise-multiplier", "1.0", "--epsilon", "50", "--accountant", "rdp", "--eval-every", "3",
         "--no-autotune",  # timed plans can differ between the two processes; their rounding would differ too
+        "--secret-seed", "3",  # both runs draw the same samples and noise (by default each draws its own secret)
         *QUICK,
     ]  # fmt: skip
     main([*args, "--out-dir", str(tmp_path / "straight")])
@@ -101,3 +102,14 @@ def test_list_presets_names_every_preset_and_its_target(capsys):
     out = capsys.readouterr().out
     for name, cfg in PRESETS.items():
         assert name in out and cfg.target in out
+
+
+def test_sampling_and_noise_are_secret_by_default(tmp_path):
+    # the same --seed twice: without --secret-seed each run draws its own sampling and noise seed from OS entropy
+    args = ["--steps", "2", "--noise-multiplier", "1", "--epsilon", "50", "--no-autotune", *QUICK]
+    main([*args, "--out-dir", str(tmp_path / "a")])
+    main([*args, "--out-dir", str(tmp_path / "b")])
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert not torch.equal(a["sampler"]["generator_state"], b["sampler"]["generator_state"])
+    assert a["optimizer"]["noise"]["seed"] != b["optimizer"]["noise"]["seed"]
+    assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 ARGS = [
     "--steps", "4", "--batch-size", "64", "--augmult", "2", "--crop-padding", "1", "--no-autotune",
+    "--secret-seed", "3",
     "--noise-multiplier", "1.0", "--epsilon", "50", "--accountant", "rdp", "--eval-every", "2", "--no-progress",
     "--threads", "1", "--checkpoint-every", "1", "--dist-timeout", "60",
 ]  # fmt: skip

@@ -8,9 +8,9 @@ empty (the rank still takes part in the step).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
-import torch
 import torch.distributed as dist
 
 from fastdp.data.poisson import PoissonSampler
@@ -24,7 +24,8 @@ class DistributedPoissonSampler(PoissonSampler):
 
     Args:
         num_samples, sample_rate, expected_batch_size, steps: of the *global* draw, as for PoissonSampler.
-        seed: the global draw's seed, the same on every rank; None: drawn on rank 0 and broadcast.
+        seed: the global draw's seed, the same on every rank (and secret); None: drawn from OS entropy on rank 0
+            and broadcast.
         rank, world_size: this rank and the number of ranks; default: those of ``process_group``.
         process_group: default: torch.distributed's default group.
     """
@@ -49,7 +50,7 @@ class DistributedPoissonSampler(PoissonSampler):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if seed is None and group is not None:
-            seed = broadcast_int(int(torch.randint(0, 2**62, (1,)).item()), group)
+            seed = broadcast_int(int.from_bytes(os.urandom(8), "little") >> 1, group)  # secret, as PoissonSampler
         super().__init__(num_samples, sample_rate, expected_batch_size, steps, seed=seed)
         self.rank, self.world_size = int(rank), int(world_size)
 

@@ -8,6 +8,7 @@ draw per example per step, so batch sizes are Binomial(N, q) and may be zero.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,7 +43,8 @@ class PoissonSampler(Sampler[list[int]]):
         steps: batches per pass; defaults to ``round(1 / q)`` (one epoch in expectation).
         generator: a ``torch.Generator`` (CPU) to draw from; the sampler advances it.
         seed: seed for a private generator, if no generator is given. With neither, the private generator is
-            seeded from torch's global RNG, so ``torch.manual_seed`` makes runs reproducible.
+            seeded from OS entropy: the accountant's guarantee assumes nobody can tell which examples a step used,
+            so a seed (or generator) is for tests and debugging, and must then stay secret.
     """
 
     def __init__(
@@ -88,8 +90,9 @@ class PoissonSampler(Sampler[list[int]]):
             raise ValueError("give a generator or a seed, not both (the seed would be ignored).")
         if generator is None:
             if seed is None:
-                # Drawn from the global RNG so that torch.manual_seed(...) fixes the sampler too.
-                seed = int(torch.randint(0, 2**62, (1,)).item())
+                # OS entropy, not torch's global RNG: the guarantee assumes nobody can tell which examples a step used,
+                # and torch.manual_seed(...) in a training script would make the draws predictable
+                seed = int.from_bytes(os.urandom(8), "little") >> 1
             generator = torch.Generator().manual_seed(int(seed))
         elif generator.device.type != "cpu":
             raise ValueError(
