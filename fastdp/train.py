@@ -279,7 +279,9 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
         idx = next(batches)
         loss_sum, correct, rows = 0.0, 0, 0
         idx = torch.as_tensor(idx, dtype=torch.long)
-        for chunk in idx.split(per_chunk):
+        # an empty Poisson batch has no forward or backward: its step is noise only (idx.split would yield one
+        # empty chunk)
+        for chunk in idx.split(per_chunk) if len(idx) else ():
             x, y = train_data.get_batch(chunk)
             x = augment(x.to(device), cfg.augmult, crop_padding=cfg.crop_padding, flip=cfg.flip, generator=aug_gen)
             x = normalize(x, train_data.mean, train_data.std)

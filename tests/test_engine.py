@@ -189,6 +189,15 @@ def test_parameter_used_outside_its_module_is_refused():
         model(torch.randn(2, 3)).sum().backward()
 
 
+def test_empty_micro_batch_is_refused_with_what_to_do():
+    model = Conv2dNet()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="empty micro-batch"):
+        model(Conv2dNet.inputs(0)[0])
+    with torch.no_grad():
+        assert model(Conv2dNet.inputs(0)[0]).shape[0] == 0  # evaluation of nothing is fine
+
+
 def test_augmult_rows_must_divide():
     model = Conv2dNet()
     GradSampleEngine(model, max_grad_norm=1.0, augmult=2)

@@ -113,3 +113,13 @@ def test_sampling_and_noise_are_secret_by_default(tmp_path):
     assert not torch.equal(a["sampler"]["generator_state"], b["sampler"]["generator_state"])
     assert a["optimizer"]["noise"]["seed"] != b["optimizer"]["noise"]["seed"]
     assert any(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_empty_poisson_batches_are_noise_only_steps(tmp_path):
+    # expected batch 1 of 1437 examples: most steps draw no example at all and must still step (and be accounted)
+    summary = main(["--steps", "6", "--batch-size", "1", "--noise-multiplier", "1", "--epsilon", "50", "--out-dir",
+                    str(tmp_path), *QUICK])  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["finished"] and summary["step"] == 6
+    assert any(r["batch"] == 0 for r in records)
+    assert load_checkpoint(tmp_path / "last.pt")["optimizer"]["accountant"] is not None

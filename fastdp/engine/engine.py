@@ -147,6 +147,11 @@ class GradSampleEngine:
         params = rule.params(module)
         if self._bypass or not torch.is_grad_enabled() or not params:
             return type(module).forward(module, x)
+        if x.dim() > 0 and x.shape[0] == 0:
+            raise ValueError(
+                f"fastdp: an empty micro-batch (0 rows) reached {type(module).__name__} with gradients enabled. An "
+                "empty Poisson batch needs no forward or backward: call only opt.step() for it (it adds the noise)."
+            )
         if x.dim() == 0 or x.shape[0] % self.augmult:
             raise ValueError(
                 f"fastdp: a micro-batch of {x.shape[0] if x.dim() else 0} rows is not a whole number of examples "
