@@ -2,7 +2,8 @@
 
 - ``per_sample_norm``  per-example ||delta_i^T a_i||^2 for linear and conv2d (implicit GEMM), optional write of G_i
 - ``ghost_norm``       the same norm from tiles of the two Gram matrices (flash-attention-like, no T x T in memory)
-- ``clip_reduce``      S = sum_i c_i G_i over kept gradients, and the book-keeping GEMM A^T diag(c) Delta
+- ``clip_reduce``      S = sum_i c_i G_i over kept gradients, and the book-keeping GEMM A^T diag(c) Delta (linear,
+                       and conv2d by implicit GEMM)
 - ``noisy_step``       Philox noise + 1/B + SGD/Adam/AdamW update over all parameters in one launch
 
 Each module also holds the pure-torch ``*_ref`` of its op. This package imports nothing; the op modules import

@@ -139,6 +139,24 @@ def check(arch: int) -> int:
                 lambda dt=dt: cr.clip_reduce_bookkeeping(t(64, 256, 512, dtype=dt), t(64, 256, 384, dtype=dt), t(64)),
             ),
             (
+                f"clip_reduce_bookkeeping_conv2d {n}",
+                lambda dt=dt: cr.clip_reduce_bookkeeping_conv2d(
+                    t(64, 64, 16, 16, dtype=dt), t(64, 128, 16, 16, dtype=dt), t(64), 3, padding=1
+                ),
+            ),
+            (  # a first conv on channels_last images, stride 2, two views per example: d = 27, x's C stride 1
+                f"clip_reduce_bookkeeping_conv2d cl {n}",
+                lambda dt=dt: cr.clip_reduce_bookkeeping_conv2d(
+                    t(64, 3, 32, 32, dtype=dt).to(memory_format=torch.channels_last),
+                    t(64, 16, 16, 16, dtype=dt),
+                    t(32),
+                    3,
+                    stride=2,
+                    padding=1,
+                    augmult=2,
+                ),
+            ),
+            (
                 f"noisy_step sgd {n}",
                 lambda dt=dt: ns.noisy_step(
                     [t(1 << 20, dtype=dt), t(999, dtype=dt)],
@@ -187,7 +205,7 @@ def check(arch: int) -> int:
             v4 = len(re.findall(r"ld\.global[^\n]*\.v4", ptx))
             mma = "mma" in ptx
             print(
-                f"ok   sm_{arch} {label:34s} {name:34s} regs {regs:>3} spill bytes {spills:>3} ld.v4 {v4:3d} mma {mma}"
+                f"ok   sm_{arch} {label:42s} {name:40s} regs {regs:>3} spill bytes {spills:>3} ld.v4 {v4:3d} mma {mma}"
             )
     return 1 if failed else 0
 

@@ -9,6 +9,8 @@ is read by ``triton.jit`` when a kernel file is imported, so set it before the f
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -98,6 +100,70 @@ def check_layer_pair(op: str, a: torch.Tensor, delta: torch.Tensor) -> None:
             f"{op}: a (B, T, d) and delta (B, T, p) must agree in B and T, got {tuple(a.shape)} and "
             f"{tuple(delta.shape)}"
         )
+
+
+class Conv2dGeometry(NamedTuple):
+    """A Conv2d call as the implicit-GEMM kernels take it: every field an int, padding explicit zeros."""
+
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    dh: int
+    dw: int
+    ho: int
+    wo: int
+    augmult: int
+
+
+def _pair(v: int | Sequence[int], name: str, op: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return v, v
+    v = tuple(int(x) for x in v)
+    if len(v) != 2:
+        raise ValueError(f"{op}: {name} must be an int or a pair, got {v}")
+    return v
+
+
+def check_conv2d(
+    op: str, x: torch.Tensor, delta: torch.Tensor, kernel_size, stride, padding, dilation, augmult: int
+) -> Conv2dGeometry:
+    """x (N, C, H, W) and delta (N, p, Ho, Wo) of one Conv2d (groups 1): float, one dtype, a valid geometry whose
+    output size is delta's, and augmult dividing N. Ints or pairs in, the normalised geometry out."""
+    check_dim(op, "x", x, 4, "(N, C, H, W)")
+    check_dim(op, "delta", delta, 4, "(N, p, Ho, Wo)")
+    check_float(op, "x", x)
+    if delta.dtype != x.dtype:
+        raise TypeError(f"{op}: x and delta must have the same dtype, got {x.dtype} and {delta.dtype}")
+    kh, kw = _pair(kernel_size, "kernel_size", op)
+    sh, sw = _pair(stride, "stride", op)
+    ph, pw = _pair(padding, "padding", op)
+    dh, dw = _pair(dilation, "dilation", op)
+    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError(
+            f"{op}: kernel_size, stride, dilation must be >= 1 and padding >= 0, got kernel_size={(kh, kw)}, "
+            f"stride={(sh, sw)}, padding={(ph, pw)}, dilation={(dh, dw)}"
+        )
+    N, _, H, W = x.shape
+    K = int(augmult)
+    if K < 1 or N % K:
+        raise ValueError(f"{op}: augmult must be >= 1 and divide the {N} rows of x, got {augmult}")
+    ho, wo = conv2d_output_size((H, W), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{op}: the kernel {(kh, kw)} (dilation {(dh, dw)}) is larger than the padded input {(H, W)}")
+    if delta.shape[0] != N or delta.shape[2:] != (ho, wo):
+        raise ValueError(
+            f"{op}: delta must be (N={N}, p, {ho}, {wo}) for x {tuple(x.shape)} with kernel {(kh, kw)}, stride "
+            f"{(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}; got {tuple(delta.shape)}"
+        )
+    return Conv2dGeometry(kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, K)
+
+
+def conv2d_output_size(size: Sequence[int], kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """(Ho, Wo) of a 2D convolution with explicit zero padding (all geometry as pairs)."""
+    return tuple((size[i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1 for i in range(2))
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:

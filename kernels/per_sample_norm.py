@@ -30,7 +30,7 @@ from fastdp.kernels._triton import (
     MAX_GRID_YZ,
     cast,
     cdiv,
-    check_dim,
+    check_conv2d,
     check_float,
     check_launchable,
     check_layer_pair,
@@ -278,20 +278,6 @@ def per_sample_norm(a: torch.Tensor, delta: torch.Tensor, *, out: torch.Tensor |
     return _finish(partials, B)
 
 
-def _pair(v: int | Sequence[int], name: str, op: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    v = tuple(int(x) for x in v)
-    if len(v) != 2:
-        raise ValueError(f"{op}: {name} must be an int or a pair, got {v}")
-    return v
-
-
-def conv2d_output_size(size: Sequence[int], kernel_size, stride, padding, dilation) -> tuple[int, int]:
-    """(Ho, Wo) of a 2D convolution with explicit zero padding (all geometry as pairs)."""
-    return tuple((size[i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1 for i in range(2))
-
-
 def per_sample_norm_conv2d(
     x: torch.Tensor,
     delta: torch.Tensor,
@@ -316,32 +302,9 @@ def per_sample_norm_conv2d(
         (B,) float32 squared norms.
     """
     op = "per_sample_norm_conv2d"
-    check_dim(op, "x", x, 4, "(N, C, H, W)")
-    check_dim(op, "delta", delta, 4, "(N, p, Ho, Wo)")
-    check_float(op, "x", x)
-    if delta.dtype != x.dtype:
-        raise TypeError(f"{op}: x and delta must have the same dtype, got {x.dtype} and {delta.dtype}")
-    kh, kw = _pair(kernel_size, "kernel_size", op)
-    sh, sw = _pair(stride, "stride", op)
-    ph, pw = _pair(padding, "padding", op)
-    dh, dw = _pair(dilation, "dilation", op)
-    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
-        raise ValueError(
-            f"{op}: kernel_size, stride, dilation must be >= 1 and padding >= 0, got kernel_size={(kh, kw)}, "
-            f"stride={(sh, sw)}, padding={(ph, pw)}, dilation={(dh, dw)}"
-        )
+    geo = check_conv2d(op, x, delta, kernel_size, stride, padding, dilation, augmult)
     N, C, H, W = x.shape
-    K = int(augmult)
-    if K < 1 or N % K:
-        raise ValueError(f"{op}: augmult must be >= 1 and divide the {N} rows of x, got {augmult}")
-    ho, wo = conv2d_output_size((H, W), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
-    if ho < 1 or wo < 1:
-        raise ValueError(f"{op}: the kernel {(kh, kw)} (dilation {(dh, dw)}) is larger than the padded input {(H, W)}")
-    if delta.shape[0] != N or delta.shape[2:] != (ho, wo):
-        raise ValueError(
-            f"{op}: delta must be (N={N}, p, {ho}, {wo}) for x {tuple(x.shape)} with kernel {(kh, kw)}, stride "
-            f"{(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}; got {tuple(delta.shape)}"
-        )
+    K, ho, wo, kh, kw = geo.augmult, geo.ho, geo.wo, geo.kh, geo.kw
     device = check_launchable(op, x, delta)
     B, p, d = N // K, delta.shape[1], C * kh * kw
     g = _check_out(op, out, (B, p, d), device)
@@ -359,7 +322,7 @@ def per_sample_norm_conv2d(
     _per_sample_norm_conv2d_kernel[(B, n_tiles)](
         x, delta, partials, g if g is not None else partials,
         C, H, W, ho, wo, kh, kw, K, p,
-        sh, sw, ph, pw, dh, dw,
+        geo.sh, geo.sw, geo.ph, geo.pw, geo.dh, geo.dw,
         *x.stride(), *delta.stride(), *gs,
         n_d, n_tiles,
         WRITE_G=g is not None, **dot_flags(x.dtype),
