@@ -6,6 +6,10 @@ request for one is an error, and ``auto`` picks the best available. ``FASTDP_BAC
 
 ``cpp`` and ``cuda`` are the compiled extension ``fastdp._C`` (fastdp/_ext.py loads it once and keeps the
 import error): ``cpp`` when it loaded, ``cuda`` when it also has its CUDA kernels and a GPU is visible.
+
+``triton`` needs a GPU, except under ``TRITON_INTERPRET=1``: then an explicit ``backend="triton"`` runs the same
+kernels on CPU tensors in Triton's interpreter (slowly; it is how the tests exercise the Triton backend without a
+GPU). ``auto`` never picks an interpreted backend.
 """
 
 from __future__ import annotations
@@ -27,13 +31,19 @@ KNOWN = ("torch", "triton", "cuda", "cpp")
 @dataclass(frozen=True)
 class Backend:
     name: str
+    #: the device type its kernels take (None: any, the torch reference)
+    device_type: str | None = None
+    #: Triton's CPU interpreter (tests only; never chosen by ``auto``)
+    interpreted: bool = False
 
 
 _AVAILABLE: dict[str, Backend] = {"torch": Backend("torch")}
 #: why a known backend is not available (shown when someone asks for it explicitly)
 _MISSING: dict[str, str] = {}
-#: preference order of ``auto``
-_PREFERENCE = ("cuda", "triton", "cpp", "torch")
+#: preference order of ``auto``. On a GPU, ``triton`` before ``cuda``: both have the fused step, and Triton has
+#: every layer kernel of the plan (fastdp/engine/layer_kernels.py) where the compiled ``cuda`` has the linear norm.
+#: (No GPU has ranked them by measurement yet; bench/ holds the benchmarks that would.)
+_PREFERENCE = ("triton", "cuda", "cpp", "torch")
 
 
 def _register_extension() -> None:
@@ -41,7 +51,7 @@ def _register_extension() -> None:
     if not _ext.cpu_available():
         _MISSING["cpp"] = _MISSING["cuda"] = _ext.import_error_message()
         return
-    _AVAILABLE["cpp"] = Backend("cpp")
+    _AVAILABLE["cpp"] = Backend("cpp", "cpu")
     if not _ext.cuda_compiled():
         _MISSING["cuda"] = (
             "fastdp._C was built without its CUDA kernels (at build time there was no nvcc, torch was a CPU "
@@ -50,18 +60,23 @@ def _register_extension() -> None:
     elif not torch.cuda.is_available():
         _MISSING["cuda"] = "fastdp._C has its CUDA kernels but no CUDA device is visible (torch.cuda.is_available())"
     else:
-        _AVAILABLE["cuda"] = Backend("cuda")
+        _AVAILABLE["cuda"] = Backend("cuda", "cuda")
 
 
 def _register_triton() -> None:
-    """``triton`` when Triton is installed and a CUDA device is visible (the kernels in kernels/ are imported lazily;
-    on a CPU they run only under TRITON_INTERPRET=1, which is for tests, not a backend)."""
+    """``triton`` when Triton is installed and a CUDA device is visible, or interpreted under TRITON_INTERPRET=1
+    (the kernels in kernels/ are imported lazily)."""
     if importlib.util.find_spec("triton") is None:
         _MISSING["triton"] = "Triton is not installed (pip install 'fastdp[triton]' on Linux x86-64 with a GPU)"
-    elif not torch.cuda.is_available():
-        _MISSING["triton"] = "no CUDA device is visible (torch.cuda.is_available() is False)"
+    elif torch.cuda.is_available():
+        _AVAILABLE["triton"] = Backend("triton", "cuda")
+    elif os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        _AVAILABLE["triton"] = Backend("triton", "cpu", interpreted=True)
     else:
-        _AVAILABLE["triton"] = Backend("triton")
+        _MISSING["triton"] = (
+            "no CUDA device is visible (torch.cuda.is_available() is False); TRITON_INTERPRET=1 runs the Triton "
+            "kernels on the CPU, for tests"
+        )
 
 
 _register_extension()
@@ -70,8 +85,8 @@ _warned_fallback = False
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that can be used on this machine."""
-    return [n for n in _PREFERENCE if n in _AVAILABLE]
+    """Names of the backends that can be used on this machine, best first (interpreted ones left out)."""
+    return [n for n in _PREFERENCE if n in _AVAILABLE and not _AVAILABLE[n].interpreted]
 
 
 def resolve_backend(name: str = "auto") -> Backend:
@@ -87,6 +102,8 @@ def resolve_backend(name: str = "auto") -> Backend:
             return _AVAILABLE[available_backends()[0]]
     if name not in KNOWN:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {KNOWN}")
+    if name == "triton" and name not in _AVAILABLE:
+        _register_triton()  # TRITON_INTERPRET may have been set after fastdp was imported
     if name not in _AVAILABLE:
         raise ValueError(f"backend {name!r} was requested but is not available: {_MISSING.get(name, 'not loaded')}")
     return _AVAILABLE[name]

@@ -23,16 +23,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastdp.backends import Backend
+
 _UNSUPPORTED_FLAGS = ("maximize", "amsgrad", "capturable", "differentiable")
-#: the device each fused backend steps on
-FUSED_DEVICE = {"cpp": "cpu", "cuda": "cuda", "triton": "cuda"}
+#: the backends with a fused step; each steps on parameters of its ``Backend.device_type``
+FUSED_BACKENDS = frozenset({"cpp", "cuda", "triton"})
 
 
-def fused_kind(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], backend: str) -> str | None:
+def fused_kind(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], backend: Backend) -> str | None:
     """ "sgd" or "adam" when ``backend``'s fused step can run this optimizer's step on these parameters, else None."""
-    device = FUSED_DEVICE.get(backend)
-    if device is None:
+    if backend.name not in FUSED_BACKENDS:
         return None
+    device = backend.device_type
     if isinstance(optimizer, torch.optim.SGD):
         kind = "sgd"
     elif isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
@@ -44,7 +46,7 @@ def fused_kind(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], bac
         return None
     if any(p.device.type != device or p.dtype not in (torch.float32, torch.float64) for p in params):
         return None
-    if backend == "triton":
+    if backend.name == "triton":
         # the Triton step updates every parameter of the optimizer and has no dampening
         if any(not p.requires_grad for g in groups for p in g["params"]) or any(g.get("dampening", 0) for g in groups):
             return None

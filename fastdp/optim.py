@@ -22,7 +22,7 @@ from fastdp.accounting import PrivacyAccountant, calibrate_noise_multiplier, ste
 from fastdp.backends import resolve_backend
 from fastdp.distributed import active_group, all_reduce_sum, broadcast_int, broadcast_module
 from fastdp.engine import GradSampleEngine
-from fastdp.fused_step import FUSED_DEVICE, FusedStep, fused_kind
+from fastdp.fused_step import FUSED_BACKENDS, FusedStep, fused_kind
 from fastdp.noise import GaussianNoise
 
 
@@ -229,8 +229,8 @@ class DPOptimizer(torch.optim.Optimizer):
         if self._fused is None:
             self._fused = False
             name = self.backend.name
-            if name in FUSED_DEVICE and not self.noise.secure:
-                kind = fused_kind(self.inner, self.engine.params, name)
+            if name in FUSED_BACKENDS and not self.noise.secure:
+                kind = fused_kind(self.inner, self.engine.params, self.backend)
                 if kind is not None:
                     self._fused = FusedStep(self.inner, kind, name)
                 elif self._backend_requested:

@@ -76,14 +76,15 @@ class Contribution:
 class Kept(Contribution):
     """Per-example gradients held in memory (B, *shape): the instantiate+keep plan and all small parameters.
 
-    The clipped sum is a weighted reduction over B (memory-bound, no GEMM).
+    The clipped sum is a weighted reduction over B (memory-bound, no GEMM). ``sq`` is their squared norms when the
+    kernel that formed them also computed those (else they are computed here).
     """
 
-    def __init__(self, grads: torch.Tensor) -> None:
-        self.grads = grads
+    def __init__(self, grads: torch.Tensor, sq: torch.Tensor | None = None) -> None:
+        self.grads, self.sq = grads, sq
 
     def sq_norm(self) -> torch.Tensor:
-        return sq_norms(self.grads)
+        return sq_norms(self.grads) if self.sq is None else self.sq
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         g = self.grads.reshape(self.grads.shape[0], -1)
@@ -98,6 +99,7 @@ class Kept(Contribution):
 
     def drop(self, keep: torch.Tensor) -> None:
         self.grads = mask_rows(self.grads, keep)
+        self.sq = None
 
 
 class Summed(Kept):

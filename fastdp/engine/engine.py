@@ -19,6 +19,7 @@ from torch import nn
 from fastdp.backends import resolve_backend
 from fastdp.engine.clipping import get_clipping
 from fastdp.engine.contributions import Contribution, Summed, reducing_with
+from fastdp.engine.layer_kernels import layer_kernels
 from fastdp.engine.reducers import reducer_for
 from fastdp.rules import fallback_rule, rule_for
 from fastdp.rules.base import LayerCall, LayerFunction, Rule
@@ -48,7 +49,9 @@ class GradSampleEngine:
         strategy: force one strategy on every layer that offers it (testing and benchmarking); None to plan.
         autotune: plan by timing every candidate once per layer and input shape (on the real input and a
             random output gradient); False ranks them by the analytic cost model of fastdp.engine.costs.
-        backend: whose kernels finish the clipped sums ("auto", "torch", "cpp", ...; fastdp.backends).
+        backend: whose kernels the plan may use ("auto", "torch", "cpp", ...; fastdp.backends): its per-layer norm
+            and book-keeping kernels become ``fused_*`` strategies (fastdp.engine.layer_kernels), its
+            clip-and-reduce finishes the kept per-example gradients.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class GradSampleEngine:
         self.autotune = autotune
         self.backend = resolve_backend(backend)
         self.reducer = reducer_for(self.backend.name)
+        self.kernels = layer_kernels(self.backend)
 
         self.summed: dict[nn.Parameter, torch.Tensor] = {}
         self.norms: list[torch.Tensor] = []
@@ -169,18 +173,18 @@ class GradSampleEngine:
         cached = self.plans.get(module)
         if cached is not None and cached[0] == key:
             return cached[1]
-        candidates = rule.strategies(module, x, self.augmult)
+        candidates = rule.strategies(module, x, self.augmult, self.kernels)
         if self.strategy is not None and self.strategy in candidates:
             choice = self.strategy
         else:
             fits = {k: c for k, c in candidates.items() if c.memory <= self._memory_allowance(module, x)}
             if len(fits) > 1 and self.autotune:
-                # the cost model ranks a layer's strategies to within ~3x of their measured times; one it puts
-                # beyond _PRUNE x the cheapest is not worth timing (nor the transient memory of trying it)
-                cheapest = min(c.time for c in fits.values())
-                shortlist = [k for k, c in fits.items() if c.time <= _PRUNE * cheapest]
-                times = self._time(call, x, shortlist)
-                choice = min(times, key=times.get)
+                times = self._time(call, x, _shortlist(fits))
+                if times:
+                    choice = min(times, key=times.get)
+                else:  # only fused strategies fit, and each failed here: the torch one holding the least
+                    plain = [k for k in candidates if not k.startswith("fused_")]
+                    choice = min(plain, key=lambda k: candidates[k].memory)
             elif fits:
                 choice = min(fits, key=lambda k: fits[k].time)
             else:
@@ -222,17 +226,30 @@ class GradSampleEngine:
         with torch.no_grad():
             grad_out = None
             for r in range(rounds + 1):
-                for k, call in calls.items():
+                for k, call in list(calls.items()):
                     out, saved = rule.compute(call, x)
                     if grad_out is None:
                         grad_out = torch.randn_like(out)
                     _synchronize(x.device)
                     start = time.perf_counter()
-                    merged = [c for _, c in rule.contributions(call, saved, grad_out, self.augmult)]
-                    sq = sum(c.sq_norm() for c in merged)
-                    for c in merged:
-                        c.weighted_sum(torch.ones_like(sq))
-                    _synchronize(x.device)
+                    try:
+                        merged = [c for _, c in rule.contributions(call, saved, grad_out, self.augmult)]
+                        sq = sum(c.sq_norm() for c in merged)
+                        for c in merged:
+                            c.weighted_sum(torch.ones_like(sq))
+                        _synchronize(x.device)
+                    except Exception as e:  # noqa: BLE001 - a kernel that does not build or run here
+                        if not k.startswith("fused_"):
+                            raise
+                        # a backend kernel failing on this machine (a Triton version or GPU it was not built for)
+                        # loses the layer a candidate, not the run; the torch strategies are exact all the same
+                        warnings.warn(
+                            f"fastdp: strategy {k!r} of backend {self.backend.name!r} failed on "
+                            f"{type(planned.module).__name__} ({type(e).__name__}: {e}); planning without it",
+                            stacklevel=2,
+                        )
+                        del calls[k], best[k]
+                        continue
                     if r > 0:
                         best[k] = min(best[k], time.perf_counter() - start)
         return best
@@ -313,6 +330,19 @@ class GradSampleEngine:
     def discard(self) -> None:
         """Forget the clipped sums of the current logical batch (what zero_grad does to ordinary grads)."""
         self.summed, self.norms = {}, []
+
+
+def _shortlist(fits: dict) -> list[str]:
+    """The strategies worth timing. The cost model ranks a layer's strategies to within ~3x of their measured times
+    on the CPU it was fitted on; one it puts beyond _PRUNE x the cheapest is not worth timing (nor the transient
+    memory of trying it). The cheapest torch strategy is always timed too: the model has not been fitted to the fused
+    kernels (a GPU's), so it must not rule out the alternative they are measured against."""
+    cheapest = min(c.time for c in fits.values())
+    out = [k for k, c in fits.items() if c.time <= _PRUNE * cheapest]
+    plain = [k for k in fits if not k.startswith("fused_")]
+    if plain and not set(plain) & set(out):
+        out.append(min(plain, key=lambda k: fits[k].time))
+    return out
 
 
 def _synchronize(device: torch.device) -> None:

@@ -18,6 +18,7 @@ from fastdp.engine.contributions import Contribution
 
 if TYPE_CHECKING:
     from fastdp.engine.engine import GradSampleEngine
+    from fastdp.engine.layer_kernels import LayerKernels
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,11 @@ class Rule:
         """Parameter-free preprocessing done under ordinary autograd (padding, normalisation)."""
         return x
 
-    def strategies(self, module: nn.Module, x: torch.Tensor, augmult: int) -> dict[str, Cost]:
-        """Plan candidates for this input; the default rule has one."""
+    def strategies(
+        self, module: nn.Module, x: torch.Tensor, augmult: int, kernels: LayerKernels | None = None
+    ) -> dict[str, Cost]:
+        """Plan candidates for this input (``fused_*`` ones where the backend's ``kernels`` take it); the default
+        rule has one."""
         return {"keep": Cost(0.0, 0.0)}
 
     def compute(self, call: LayerCall, x: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:

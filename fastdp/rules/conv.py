@@ -18,12 +18,17 @@ and G_i = delta_i^T a_i as for a linear layer. Strategies (T' = K * T with augmu
 - ``shifted_ghost``  (stride 1) the same norm from the Gram matrix of the padded input summed along the
              kernel's shifted diagonals, no unfold (rules/conv_ghost.py), then book-keeping. At 16x16 and
              8x8 it costs about one weight gradient or less where instantiating costs 2-4.
+
+Where the engine's backend has the layer kernels (fastdp/engine/layer_kernels.py; Conv2d, groups 1):
+``fused_keep`` (the implicit-GEMM norm kernel also writes G_i, the norm costs no extra pass) and ``fused_bk``
+(the norm kernel, then the book-keeping sum by the backend's kernel, else the scaled weight-gradient convolution).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +38,9 @@ from fastdp.engine import costs
 from fastdp.engine.contributions import Contribution, Kept, accum_dtype, mask_rows
 from fastdp.rules.base import Cost, LayerCall, Rule, compute_dtype, register_rule, trainable
 from fastdp.rules.conv_ghost import shifted_ghost, unfolded_ghost
+
+if TYPE_CHECKING:
+    from fastdp.engine.layer_kernels import LayerKernels
 
 _convolution_backward = torch.ops.aten.convolution_backward
 
@@ -129,15 +137,25 @@ def views_as_positions(t: torch.Tensor, augmult: int) -> torch.Tensor:
 
 class ConvBookKeeping(Contribution):
     """Holds x and delta until the clip factors are known; the clipped sum is one weight-gradient
-    convolution with delta scaled per example."""
+    convolution with delta scaled per example, or ``kernel(x, delta, w, geom, augmult)`` when the plan is fused."""
 
-    def __init__(self, geom: ConvGeometry, x: torch.Tensor, d: torch.Tensor, sq: torch.Tensor, augmult: int) -> None:
-        self.geom, self.x, self.d, self.sq, self.augmult = geom, x, d, sq, augmult
+    def __init__(
+        self,
+        geom: ConvGeometry,
+        x: torch.Tensor,
+        d: torch.Tensor,
+        sq: torch.Tensor,
+        augmult: int,
+        kernel: Callable | None = None,
+    ) -> None:
+        self.geom, self.x, self.d, self.sq, self.augmult, self.kernel = geom, x, d, sq, augmult, kernel
 
     def sq_norm(self) -> torch.Tensor:
         return self.sq
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(self.x, self.d, w, self.geom, self.augmult)
         w = w.to(self.d.dtype).repeat_interleave(self.augmult)
         return self.geom.grad_weight(self.d * w.view(-1, *([1] * (self.d.dim() - 1))), self.x)
 
@@ -149,8 +167,18 @@ class ConvBookKeeping(Contribution):
         self.d = mask_rows(self.d, keep, self.augmult)
 
 
-def conv_strategies(module: nn.modules.conv._ConvNd, x: torch.Tensor, augmult: int) -> dict[str, Cost]:
-    """Cost of each strategy minus the ordinary weight gradient it replaces (FLOP-equivalents, bytes)."""
+def conv_strategies(
+    module: nn.modules.conv._ConvNd,
+    x: torch.Tensor,
+    augmult: int,
+    kernels: LayerKernels | None = None,
+    per_row: bool = False,
+) -> dict[str, Cost]:
+    """Cost of each strategy minus the ordinary weight gradient it replaces (FLOP-equivalents, bytes).
+
+    ``per_row``: the rule needs per-output-row norms (WS convs), which the fused norm kernel does not give apart
+    from the per-example gradients it writes, so ``fused_bk`` is left out.
+    """
     N = x.shape[0]
     B = N // augmult
     p = module.out_channels
@@ -185,12 +213,21 @@ def conv_strategies(module: nn.modules.conv._ConvNd, x: torch.Tensor, augmult: i
         grams = costs.GHOST * 2.0 * B * (Ik * Ik * x.shape[1] + Tk * Tk * p)
         shifts = costs.stream(2 * math.prod(module.kernel_size) * B * module.groups * Tk * Tk * esize)
         out["shifted_ghost"] = Cost(grams + shifts, held_bytes)
+    fused = kernels is not None and kernels.conv2d_norm is not None and len(module.kernel_size) == 2
+    if fused and module.groups == 1 and kernels.takes(x, accum_dtype(module.weight.dtype)):
+        # implicit GEMM: the weight gradient's FLOPs per example, no unfold; writing G_i replaces the weight
+        # gradient, the book-keeping sum replaces it otherwise
+        out["fused_keep"] = Cost(costs.stream(kept_bytes), kept_bytes)
+        if not per_row:
+            out["fused_bk"] = Cost(wgrad, held_bytes)
     return out
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     frozen_methods = ("forward", "_conv_forward")
+    #: whether contributions take per-output-row norms (weight_contribution's per_row)
+    per_row_norms = False
 
     def prepare(self, call: LayerCall, x: torch.Tensor) -> torch.Tensor:
         m = call.module
@@ -204,8 +241,8 @@ class ConvRule(Rule):
         call.info["geom"] = ConvGeometry(m, padding)
         return x
 
-    def strategies(self, module, x, augmult):
-        return conv_strategies(module, x, augmult)
+    def strategies(self, module, x, augmult, kernels=None):
+        return conv_strategies(module, x, augmult, kernels, self.per_row_norms)
 
     def compute(self, call: LayerCall, x: torch.Tensor):
         m = call.module
@@ -227,6 +264,15 @@ class ConvRule(Rule):
         per-example gradients if the strategy formed them (None for ghost)."""
         geom: ConvGeometry = call.info["geom"]
         B = x.shape[0] // augmult
+        kernels = call.engine.kernels
+        if call.strategy == "fused_bk":
+            sq = kernels.conv2d_norm(x, d, geom, augmult)
+            return ConvBookKeeping(geom, x, d, sq, augmult, kernels.conv2d_bookkeeping), sq, None
+        if call.strategy == "fused_keep":
+            g = x.new_empty(B, *geom.weight_shape)
+            kept = Kept(g, kernels.conv2d_norm(x, d, geom, augmult, g))
+            sq = torch.linalg.vector_norm(g.flatten(2), dim=2).square() if per_row else kept.sq_norm()
+            return kept, sq, g
         if call.strategy in GHOST_STRATEGIES:
             if call.strategy == "ghost":
                 a = views_as_positions(geom.unfold(x), augmult)

@@ -10,11 +10,17 @@ Strategies (T' = K*T):
 - ``keep``: G_i by bmm (2 T' d p per example), kept until the clip step; the clipped sum is a weighted
   reduction over B. Memory B * p * d.
 - ``instantiate_bk``: G_i by bmm only for the norm, then the book-keeping GEMM; holds a and delta instead.
+
+Where the engine's backend has the layer kernels (fastdp/engine/layer_kernels.py), the same three plans with the
+fused kernels: ``fused_keep`` (the norm kernel also writes G_i, so the norm costs no extra pass), ``fused_bk`` (the
+norm by implicit GEMM, tile by tile in registers, then the book-keeping kernel) and ``fused_ghost`` (T' > 1: the
+ghost norm without the T' x T' Grams in memory, then the book-keeping kernel).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +29,9 @@ from torch import nn
 from fastdp.engine import costs
 from fastdp.engine.contributions import Contribution, Kept, accum_dtype, mask_rows, sq_norms
 from fastdp.rules.base import Cost, LayerCall, Rule, compute_dtype, register_rule, trainable
+
+if TYPE_CHECKING:
+    from fastdp.engine.layer_kernels import LayerKernels
 
 
 def ghost_sq_norms(a: torch.Tensor, d: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
@@ -41,15 +50,18 @@ def ghost_sq_norms(a: torch.Tensor, d: torch.Tensor, chunk_elems: int = 1 << 24)
 
 
 class LinearBookKeeping(Contribution):
-    """Holds a (B, T', d) and delta (B, T', p) until the clip factors are known; S_W = A^T diag(w) Delta."""
+    """Holds a (B, T', d) and delta (B, T', p) until the clip factors are known; S_W = A^T diag(w) Delta, by
+    ``kernel(a, delta, w)`` when the plan is fused, else one torch GEMM on the scaled delta."""
 
-    def __init__(self, a: torch.Tensor, d: torch.Tensor, sq: torch.Tensor) -> None:
-        self.a, self.d, self.sq = a, d, sq
+    def __init__(self, a: torch.Tensor, d: torch.Tensor, sq: torch.Tensor, kernel: Callable | None = None) -> None:
+        self.a, self.d, self.sq, self.kernel = a, d, sq, kernel
 
     def sq_norm(self) -> torch.Tensor:
         return self.sq
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(self.a, self.d, w)
         d = self.d * w.to(self.d.dtype).view(-1, 1, 1)
         return d.flatten(0, 1).t() @ self.a.flatten(0, 1)
 
@@ -65,7 +77,9 @@ class LinearRule(Rule):
     def check(self, module: nn.Linear) -> None:
         pass
 
-    def strategies(self, module: nn.Linear, x: torch.Tensor, augmult: int) -> dict[str, Cost]:
+    def strategies(
+        self, module: nn.Linear, x: torch.Tensor, augmult: int, kernels: LayerKernels | None = None
+    ) -> dict[str, Cost]:
         d, p = module.in_features, module.out_features
         N = x.shape[0]
         T = x[0].numel() // d if N else 1
@@ -77,11 +91,20 @@ class LinearRule(Rule):
         keep_time = costs.BMM * 2.0 * B * Tk * d * p + costs.stream(B * p * d * esize)
         wgrad = costs.gemm(p, d, N * T)
         held = N * T * (d + p) * esize
-        return {
+        out = {
             "ghost": Cost(ghost_time - wgrad, held),
             "keep": Cost(keep_time - wgrad, B * p * d * esize),
             "instantiate_bk": Cost(keep_time, held),
         }
+        if kernels is not None and kernels.takes(x, accum_dtype(module.weight.dtype)):
+            if kernels.linear_norm is not None:
+                # the norm kernel runs the weight gradient's FLOPs as one GEMM per example; writing G_i replaces the
+                # weight gradient, the book-keeping GEMM replaces it otherwise
+                out["fused_keep"] = Cost(costs.stream(B * p * d * esize), B * p * d * esize)
+                out["fused_bk"] = Cost(wgrad, held)
+            if kernels.linear_ghost_norm is not None and Tk > 1:
+                out["fused_ghost"] = Cost(2.0 * B * Tk * Tk * (d + p), held)
+        return out
 
     def compute(self, call: LayerCall, x: torch.Tensor):
         m = call.module
@@ -105,10 +128,19 @@ class LinearRule(Rule):
         B = x.shape[0] // augmult
         a = x.reshape(B, -1, m.in_features).to(acc)
         d = grad_out.reshape(B, -1, m.out_features).to(acc)
+        kernels = call.engine.kernels
         out: list = []
         for name, p in trainable(m, "weight", "bias"):
             if name == "bias":
                 out.append((p, Kept(d.sum(1).to(p.dtype))))
+            elif call.strategy == "fused_keep":
+                g = a.new_empty(B, m.out_features, m.in_features)
+                sq = kernels.linear_norm(a, d, g)
+                out.append((p, Kept(g.to(p.dtype), sq)))
+            elif call.strategy == "fused_bk":
+                out.append((p, LinearBookKeeping(a, d, kernels.linear_norm(a, d), kernels.linear_bookkeeping)))
+            elif call.strategy == "fused_ghost":
+                out.append((p, LinearBookKeeping(a, d, kernels.linear_ghost_norm(a, d), kernels.linear_bookkeeping)))
             elif call.strategy == "keep":
                 out.append((p, Kept(torch.bmm(d.transpose(1, 2), a).to(p.dtype))))
             elif call.strategy == "instantiate_bk":

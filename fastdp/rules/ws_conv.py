@@ -75,6 +75,7 @@ class WSWeight(Contribution):
 @register_rule(WSConv2d, ScaledStdConv2d)
 class WSConvRule(ConvRule):
     frozen_methods = ("forward", "_conv_forward", "standardized_weight", "row_scale")
+    per_row_norms = True
 
     def compute(self, call: LayerCall, x: torch.Tensor):
         m = call.module
