@@ -419,7 +419,8 @@ bool compiled_with_cuda() {
 TORCH_LIBRARY(fastdp, m) {
   // S = sum_i weights[i] * grads[i] over the first dimension (the clip-and-reduce of kept per-example gradients)
   m.def("clip_reduce(Tensor grads, Tensor weights) -> Tensor");
-  m.def("clip_reduce.out(Tensor grads, Tensor weights, *, Tensor(a!) out) -> Tensor(a!)");
+  // the out / inplace tags let AOTAutograd functionalize the ops returning their mutated argument (torch.compile)
+  m.def("clip_reduce.out(Tensor grads, Tensor weights, *, Tensor(a!) out) -> Tensor(a!)", {at::Tag::out});
   // g = (S + noise_std * z) / expected_batch_size with z the Philox stream, then torch.optim.SGD / Adam(W) in place
   m.def(
       "noisy_sgd_step_(Tensor(a!)[] params, Tensor?[] sums, Tensor(b!)[] momentum_buffers, int[] offsets, "
@@ -430,8 +431,8 @@ TORCH_LIBRARY(fastdp, m) {
       "int[] offsets, float noise_std, float expected_batch_size, int seed, int step, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled_weight_decay, int adam_step) -> ()");
   // the noise stream itself: out[k] = z(offset + k); words: the uint32 Philox outputs of groups (as int64)
-  m.def("philox_normal_(Tensor(a!) out, int seed, int step, int offset) -> Tensor(a!)");
-  m.def("philox_words(int ngroups, int seed, int step, int group_offset) -> Tensor", &fastdp::philox_words_op);
+  m.def("philox_normal_(Tensor(a!) out, int seed, int step, int offset) -> Tensor(a!)", {at::Tag::inplace});
+  m.def("philox_words(int ngroups, int seed, int step, int group_offset) -> Tensor");
   // ||delta_b^T a_b||_F^2 per example b for a (B, T, d), delta (B, T, p); optionally writes G_b into grads
   m.def("linear_sq_norms(Tensor a, Tensor delta, Tensor(a!)? grads=None) -> Tensor");
   m.def("compiled_with_cuda() -> bool", &fastdp::compiled_with_cuda);
@@ -445,6 +446,9 @@ TORCH_LIBRARY_IMPL(fastdp, CPU, m) {
   m.impl("philox_normal_", &fastdp::philox_normal_cpu_op);
   m.impl("linear_sq_norms", &fastdp::linear_sq_norms_cpu_op);
 }
+
+// no tensor inputs to dispatch on: CompositeExplicitAutograd (a catch-all kernel would be traced into, on fakes)
+TORCH_LIBRARY_IMPL(fastdp, CompositeExplicitAutograd, m) { m.impl("philox_words", &fastdp::philox_words_op); }
 
 #ifdef FASTDP_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastdp, CUDA, m) {

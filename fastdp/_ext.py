@@ -8,11 +8,15 @@ upgraded after the build). Importing ``fastdp._C`` registers the ops ``torch.ops
 - ``philox_normal_(out, seed, step, offset)`` / ``philox_words(...)``: the noise stream of :mod:`fastdp.philox`,
 - ``linear_sq_norms(a, delta, grads=None)``: per-example squared gradient norms of a linear layer (CUDA),
 - ``compiled_with_cuda()``.
+
+Once ``fastdp._C`` has loaded, :mod:`fastdp._fake_ops` registers the ops' fake kernels (output shapes and dtypes
+without data), which torch.compile / torch.export trace them with.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import torch
 
@@ -29,6 +33,15 @@ try:
 except Exception as e:  # noqa: BLE001 - ImportError, or OSError/undefined symbols after a torch upgrade
     _C = None
     IMPORT_ERROR = e
+else:
+    try:  # fake kernels for torch.compile; they need the ops registered above
+        importlib.import_module("fastdp._fake_ops")
+    except Exception as e:  # noqa: BLE001 - a stale build lacking an op, or a torch without register_fake
+        warnings.warn(
+            f"fastdp: the fake kernels of torch.ops.fastdp.* did not register ({type(e).__name__}: {e}); the ops run "
+            f"eagerly but not under torch.compile; {REBUILD_HINT}",
+            stacklevel=2,
+        )
 
 
 def cpu_available() -> bool:
