@@ -2,10 +2,13 @@
 
 One benchmark per (op, shape, dtype, provider). Providers: ``torch`` (the op's ``*_ref``, what the torch backend
 runs), ``triton`` (fastdp.kernels); the noisy step also has ``torch-randn`` (torch.randn noise and the optimizer's
-own foreach step: the fastest unfused torch step, but not the reproducible Philox stream). ``extra_info`` holds
-the device, the shape, the median, the throughput (TFLOP/s for the GEMM-like ops, counted with the same FLOP model
-for both providers, GB/s of compulsory traffic for the memory-bound ones) and the peak CUDA memory of the call.
-Times are never asserted; compare providers within one run.
+own foreach step: the fastest unfused torch step, but not the reproducible Philox stream) and ``copy``, the
+bandwidth ceiling: ``dst.copy_(src)`` of one flat fp32 tensor moving the step's compulsory bytes (half read, half
+written). ``extra_info`` holds the device, the shape, the median, the throughput (TFLOP/s for the GEMM-like ops,
+counted with the same FLOP model for both providers, GB/s of compulsory traffic for the memory-bound ones), the
+peak CUDA memory of the call and, for the noisy step, ``fraction_of_copy`` (step GB/s / copy GB/s in this run: the
+issue's target T2 is >= 0.8 for the triton step). A summary is printed at the end. Times are never asserted;
+compare providers within one run.
 
 Run (GPU): python -m pytest bench/bench_kernels_triton.py -q -p no:cacheprovider --benchmark-group-by=group
 Without a GPU the module is skipped, unless TRITON_INTERPRET=1 is set: then tiny shapes run once on the CPU
@@ -25,6 +28,7 @@ if not torch.cuda.is_available() and not SMOKE:
     pytest.skip("needs a CUDA device (or TRITON_INTERPRET=1 for a CPU smoke run)", allow_module_level=True)
 pytest.importorskip("triton")
 pytest.importorskip("pytest_benchmark")
+
 
 from fastdp.kernels import clip_reduce as cr  # noqa: E402
 from fastdp.kernels import ghost_norm as gn  # noqa: E402
@@ -46,7 +50,11 @@ def _sync() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
-def _run(benchmark, fn, group: str, work: float, unit: str, **info) -> None:
+# (group, provider) -> {"median_ms", "unit", "throughput", ...}; printed at the end of the module
+RESULTS: dict[tuple[str, str], dict] = {}
+
+
+def _run(benchmark, fn, group: str, work: float, unit: str, provider: str, **info) -> None:
     """Time fn (synchronised inside the timed call), then record throughput = work / median in extra_info."""
 
     def timed():
@@ -59,13 +67,40 @@ def _run(benchmark, fn, group: str, work: float, unit: str, **info) -> None:
     benchmark.pedantic(timed, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
     median = benchmark.stats.stats.median
     scale = 1e12 if unit == "TFLOP/s" else 1e9
+    throughput = work / median / scale if median > 0 else math.nan
+    RESULTS[(group, provider)] = {"median_ms": median * 1e3, "unit": unit, "throughput": throughput}
+    copy = RESULTS.get((group, "copy"))
+    if copy is not None and provider != "copy":
+        info["fraction_of_copy"] = throughput / copy["throughput"]
+        RESULTS[(group, provider)]["fraction_of_copy"] = info["fraction_of_copy"]
     benchmark.extra_info.update(
         device=_device_name(),
         median_ms=median * 1e3,
-        **{unit: work / median / scale if median > 0 else math.nan},
+        **{unit: throughput},
         peak_mb=torch.cuda.max_memory_allocated(DEVICE) / 2**20 if DEVICE.type == "cuda" else None,
         **info,
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary(request):
+    yield
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is None or capman is None or not RESULTS:
+        return
+    with capman.global_and_fixture_disabled():  # teardown output is captured otherwise
+        tr.write_line("")
+        tr.write_sep("=", f"fastdp Triton kernels vs torch ({_device_name()})")
+        for group in dict.fromkeys(g for g, _ in RESULTS):
+            rows = {p: r for (g, p), r in RESULTS.items() if g == group}
+            cells = [f"{p} {r['median_ms']:.3f} ms {r['throughput']:.2f} {r['unit']}" for p, r in rows.items()]
+            if "torch" in rows and "triton" in rows:
+                cells.append(f"triton speedup {rows['torch']['median_ms'] / rows['triton']['median_ms']:.2f}x")
+            fractions = [f"{p} {r['fraction_of_copy']:.2f}" for p, r in rows.items() if "fraction_of_copy" in r]
+            if fractions:
+                cells.append("fraction of copy: " + ", ".join(fractions))
+            tr.write_line(f"{group:<44} " + "   ".join(cells))
 
 
 def _randn(*shape, dtype=torch.float32):
@@ -85,7 +120,9 @@ def test_per_sample_norm_linear(benchmark, provider, dtype, shape):
     B, T, d, p = shape
     a, delta = _randn(B, T, d, dtype=dtype), _randn(B, T, p, dtype=dtype)
     fn = (lambda: psn.per_sample_norm_ref(a, delta)) if provider == "torch" else lambda: psn.per_sample_norm(a, delta)
-    _run(benchmark, fn, f"per_sample_norm linear {shape} {dtype}", 2.0 * B * T * d * p, "TFLOP/s", shape=shape)
+    _run(
+        benchmark, fn, f"per_sample_norm linear {shape} {dtype}", 2.0 * B * T * d * p, "TFLOP/s", provider, shape=shape
+    )
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -101,7 +138,7 @@ def test_per_sample_norm_conv2d(benchmark, provider, dtype, shape):
     else:
         fn = lambda: psn.per_sample_norm_conv2d(x, delta, 3, stride=s, padding=1)
     flops = 2.0 * B * ho * ho * cout * cin * 9
-    _run(benchmark, fn, f"per_sample_norm conv3x3 {shape} {dtype}", flops, "TFLOP/s", shape=shape)
+    _run(benchmark, fn, f"per_sample_norm conv3x3 {shape} {dtype}", flops, "TFLOP/s", provider, shape=shape)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -112,7 +149,7 @@ def test_ghost_norm(benchmark, provider, dtype, shape):
     a, delta = _randn(B, T, d, dtype=dtype), _randn(B, T, p, dtype=dtype)
     fn = (lambda: gn.ghost_norm_ref(a, delta)) if provider == "torch" else lambda: gn.ghost_norm(a, delta)
     # the design model's 2 T^2 (d + p) for both providers (the kernel does about half: symmetric tiles)
-    _run(benchmark, fn, f"ghost_norm {shape} {dtype}", 2.0 * B * T * T * (d + p), "TFLOP/s", shape=shape)
+    _run(benchmark, fn, f"ghost_norm {shape} {dtype}", 2.0 * B * T * T * (d + p), "TFLOP/s", provider, shape=shape)
 
 
 KEPT = [(4, 1000)] if SMOKE else [(256, 64 * 64 * 9), (64, 1 << 20)]  # (B, P): a WRN 3x3 conv, a 1M-param layer
@@ -126,7 +163,7 @@ def test_clip_reduce(benchmark, provider, dtype, shape):
     g, c = _randn(B, P, dtype=dtype), torch.rand(B, device=DEVICE)
     fn = (lambda: cr.clip_reduce_ref(g, c)) if provider == "torch" else lambda: cr.clip_reduce(g, c)
     nbytes = g.numel() * g.element_size() + P * g.element_size()
-    _run(benchmark, fn, f"clip_reduce {shape} {dtype}", nbytes, "GB/s", shape=shape)
+    _run(benchmark, fn, f"clip_reduce {shape} {dtype}", nbytes, "GB/s", provider, shape=shape)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -139,7 +176,7 @@ def test_clip_reduce_bookkeeping(benchmark, provider, dtype, shape):
         fn = lambda: cr.clip_reduce_bookkeeping_ref(a, delta, c)
     else:
         fn = lambda: cr.clip_reduce_bookkeeping(a, delta, c)
-    _run(benchmark, fn, f"bookkeeping {shape} {dtype}", 2.0 * B * T * d * p, "TFLOP/s", shape=shape)
+    _run(benchmark, fn, f"bookkeeping {shape} {dtype}", 2.0 * B * T * d * p, "TFLOP/s", provider, shape=shape)
 
 
 def _model_shapes(total: int) -> list[tuple[int, ...]]:
@@ -156,7 +193,8 @@ def _model_shapes(total: int) -> list[tuple[int, ...]]:
 STEP_SIZES = [20_000] if SMOKE else [11_000_000]  # WRN-16-4 has 2.7M parameters, ResNet-18 11M
 
 
-@pytest.mark.parametrize("provider", ["torch", "torch-randn", "triton"])
+# copy first: the steps' fraction_of_copy needs its median (the provider is the innermost parametrisation)
+@pytest.mark.parametrize("provider", ["copy", "torch", "torch-randn", "triton"])
 @pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam"])
 @pytest.mark.parametrize("total", STEP_SIZES)
 def test_noisy_step(benchmark, provider, optimizer, total):
@@ -169,8 +207,16 @@ def test_noisy_step(benchmark, provider, optimizer, total):
     else:
         opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=DEVICE.type == "cuda" or None)
         nbytes = 20
+    numel = sum(p.numel() for p in params)
+    work = nbytes * numel  # compulsory bytes of the step
     kw = dict(std=1.0, expected_batch_size=256, seed=0, step=0)
-    if provider == "triton":
+    if provider == "copy":
+        # the bandwidth ceiling: one flat fp32 copy moving the step's bytes (half read, half written)
+        src = _randn(work // 8)
+        dst = torch.empty_like(src)
+        work = 2 * src.numel() * src.element_size()
+        fn = lambda: dst.copy_(src)
+    elif provider == "triton":
         fn = lambda: ns.noisy_optimizer_step(opt, sums, **kw)
     elif provider == "torch":
         fn = lambda: ns.noisy_step_ref(opt, sums, **kw)
@@ -181,6 +227,5 @@ def test_noisy_step(benchmark, provider, optimizer, total):
                 p.grad = (s + torch.randn_like(s)).div_(256)
             opt.step()
 
-    numel = sum(p.numel() for p in params)
-    info = dict(tensors=len(params), numel=numel)
-    _run(benchmark, fn, f"noisy_step {optimizer} {numel / 1e6:.1f}M", nbytes * numel, "GB/s", **info)
+    info = dict(tensors=len(shapes), numel=numel)
+    _run(benchmark, fn, f"noisy_step {optimizer} {numel / 1e6:.1f}M", work, "GB/s", provider, **info)
