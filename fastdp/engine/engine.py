@@ -85,7 +85,7 @@ class GradSampleEngine:
         self.strategy = strategy
         self.autotune = autotune
         self.backend = resolve_backend(backend)
-        self.reducer = reducer_for(self.backend.name)
+        self.reducer = reducer_for(self.backend)
         self.kernels = layer_kernels(self.backend)
 
         self.summed: dict[nn.Parameter, torch.Tensor] = {}

@@ -6,8 +6,11 @@ threads (bench/bench_cpp.py). A reducer returns None for inputs it does not take
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from fastdp.backends import Backend
 from fastdp.engine.contributions import Reducer
 
 _COMPILED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -22,21 +25,22 @@ def _compiled(device_type: str) -> Reducer:
     return reduce
 
 
-def _triton(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
-    if g.device.type != "cuda":
-        return None
-    from fastdp.kernels.clip_reduce import clip_reduce
+def _triton(device_type: str) -> Reducer:
+    def reduce(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        if g.device.type != device_type or g.dtype not in _TRITON_DTYPES:
+            return None
+        from fastdp.kernels.clip_reduce import clip_reduce
 
-    return clip_reduce(g, w)
+        return clip_reduce(g, w)
 
-
-_REDUCERS: dict[str, Reducer | None] = {
-    "torch": None,
-    "cpp": _compiled("cpu"),
-    "cuda": _compiled("cuda"),
-    "triton": _triton,
-}
+    return reduce
 
 
-def reducer_for(backend: str) -> Reducer | None:
-    return _REDUCERS[backend]
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: backend name -> reducer for the backend's device type (Triton's is 'cpu' in its interpreter)
+_REDUCERS: dict[str, Callable[[str], Reducer]] = {"cpp": _compiled, "cuda": _compiled, "triton": _triton}
+
+
+def reducer_for(backend: Backend) -> Reducer | None:
+    make = _REDUCERS.get(backend.name)
+    return None if make is None else make(backend.device_type)
