@@ -6,8 +6,9 @@ The interpreter (what the CPU tests run) never compiles, so it cannot catch what
 scalar argument Triton specialises to a Python int, a layout that does not lower) nor show register pressure. Here
 a stand-in driver reports a CUDA target, each kernel's ``warmup`` compiles it through PTX to a cubin with the
 shapes and dtypes the host wrappers choose for a GPU (the wrappers run on CPU tensors whose memory is never read),
-and Triton's bundled ptxas reports registers and spill bytes. Exit status 1 if any kernel fails to compile, 2 if
-the stand-in driver does not fit this Triton version (then nothing was checked).
+and Triton's bundled ptxas reports registers and spill bytes. Exit status 1 if any kernel fails to compile or
+spills registers (as .ci/check_cuda for csrc/), 2 if the stand-in driver does not fit this Triton version (then
+nothing was checked).
 """
 
 from __future__ import annotations
@@ -204,8 +205,11 @@ def check(arch: int) -> int:
             regs, spills = _ptxas_info(triton, ptx, arch)
             v4 = len(re.findall(r"ld\.global[^\n]*\.v4", ptx))
             mma = "mma" in ptx
+            spilled = spills not in ("0", "?")
+            failed += spilled
             print(
-                f"ok   sm_{arch} {label:42s} {name:40s} regs {regs:>3} spill bytes {spills:>3} ld.v4 {v4:3d} mma {mma}"
+                f"{'SPILL' if spilled else 'ok  '} sm_{arch} {label:42s} {name:40s} regs {regs:>3} spill bytes "
+                f"{spills:>3} ld.v4 {v4:3d} mma {mma}"
             )
     return 1 if failed else 0
 
