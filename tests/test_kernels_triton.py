@@ -265,7 +265,7 @@ BOOKKEEPING_CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("N, C, H, W, p, k, s, pad, dil, K, cl", BOOKKEEPING_CONV_CASES)
 def test_clip_reduce_bookkeeping_conv2d(N, C, H, W, p, k, s, pad, dil, K, cl, dtype):
     gen = torch.Generator().manual_seed(N * H + p)
@@ -295,7 +295,7 @@ def test_clip_reduce_bookkeeping_conv2d(N, C, H, W, p, k, s, pad, dil, K, cl, dt
     if dtype == torch.float32:
         assert_fp32(s_default, ref)
     else:
-        # plain torch scales delta in bf16 too; the kernel rounds c * delta to bf16 once, then accumulates in fp32
+        # plain torch scales delta in 16 bits too; the kernel rounds c * delta to 16 bits once, accumulates in fp32
         out = cr.clip_reduce_bookkeeping_conv2d(x, delta, c, (kh, kw), **geometry, out_dtype=torch.float32)
         assert out.dtype == torch.float32
         assert_low_precision(out, ref, cr.clip_reduce_bookkeeping_conv2d_ref(x, delta, c, *args))
