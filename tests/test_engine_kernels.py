@@ -223,3 +223,36 @@ def test_a_failing_kernel_loses_its_strategies_not_the_run():
     assert all(s not in ("fused_keep", "fused_bk") for m, (_, s) in eng.plans.items() if isinstance(m, torch.nn.Conv2d))
     for n, p in model.named_parameters():
         torch.testing.assert_close(summed[p].double().cpu(), ref[n], rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fused_keep", "fused_bk"])
+def test_fused_strategies_under_bf16_autocast(strategy):
+    """Under bf16 autocast the fused plans' norms and clipped sums are as close to float64 as plain torch's bf16
+    per-example gradients (at most twice their error)."""
+    torch.manual_seed(5)
+    model = MODELS["conv2d"]()
+    x, t = MODELS["conv2d"].inputs(4)
+    ref, ref_norms = reference(model, x, t, max_grad_norm=float("inf"))
+    plain = copy.deepcopy(model)
+    torch_norms, torch_sum = [], None
+    for i in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = row_loss(plain(x[i : i + 1]), t[i : i + 1]).sum()
+        grads = [g.double() for g in torch.autograd.grad(loss, list(plain.parameters()))]
+        torch_norms.append(torch.sqrt(sum(g.square().sum() for g in grads)))
+        torch_sum = grads if torch_sum is None else [a + b for a, b in zip(torch_sum, grads, strict=True)]
+    torch_norm_err = (torch.stack(torch_norms) - ref_norms).abs().max().item()
+    model, x, t = to_device(model, x, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eng = GradSampleEngine(model, max_grad_norm=1e9, loss_reduction="sum", strategy=strategy, backend="triton")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = row_loss(model(x), t).sum()
+    loss.backward()
+    summed, norms = eng.pop()
+    assert norms.dtype == torch.float32
+    assert (norms.double().cpu() - ref_norms).abs().max().item() <= 2 * torch_norm_err + 1e-6 * ref_norms.max().item()
+    for (n, p), plain_sum in zip(model.named_parameters(), torch_sum, strict=True):
+        ours = (summed[p].double().cpu() - ref[n]).abs().max().item()
+        theirs = (plain_sum - ref[n]).abs().max().item()
+        assert ours <= 2 * theirs + 1e-6 * ref[n].abs().max().item(), (n, ours, theirs)
