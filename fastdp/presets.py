@@ -29,6 +29,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     clipping: str = "flat"
     autotune: bool = True  # time each layer's strategies once; False: the cost model (same plan in every process)
+    backend: str = "auto"  # kernels of the plan and the step (fastdp.backends): auto, torch, cpp, cuda, triton
     # schedule
     batch_size: int = 256  # expected logical batch (Poisson)
     max_physical_batch: int = 256  # rows per forward/backward

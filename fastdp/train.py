@@ -186,7 +186,7 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
         # the noise and sampling generators' states are in the checkpoint, so a resumed run continues both streams
         # (a checkpoint is therefore as private as the training data)
         clipping=cfg.clipping, accountant=cfg.accountant, seed=seeds["noise"], sample_size=n,
-        autotune=cfg.autotune,
+        autotune=cfg.autotune, backend=cfg.backend,
     )  # fmt: skip
     steps = planned
     if cfg.noise_multiplier is None:

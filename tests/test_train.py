@@ -80,6 +80,7 @@ def test_training_stops_before_it_would_exceed_the_target_epsilon(tmp_path, caps
         (["--dataset", "cifar10", "--data-root", "/nonexistent/fastdp-data"], "/nonexistent/fastdp-data"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--augmult", "0"], "--"),
         (["--resume", "/nonexistent/run"], "no checkpoint"),
+        (["--backend", "cuda"] if not torch.cuda.is_available() else ["--backend", "gpu"], "backend"),
     ],
 )
 def test_bad_input_is_a_one_line_error(args, words, tmp_path):
@@ -123,3 +124,12 @@ def test_empty_poisson_batches_are_noise_only_steps(tmp_path):
     assert summary["finished"] and summary["step"] == 6
     assert any(r["batch"] == 0 for r in records)
     assert load_checkpoint(tmp_path / "last.pt")["optimizer"]["accountant"] is not None
+
+
+def test_backend_is_a_run_option(tmp_path):
+    summary = main(["--steps", "2", "--backend", "torch", "--out-dir", str(tmp_path), *QUICK])
+    assert summary["finished"]
+    assert load_checkpoint(tmp_path / "last.pt")["config"]["backend"] == "torch"
+    with pytest.raises(SystemExit) as e:  # the backend decides the noise stream and the plan: it stays on resume
+        main(["--resume", str(tmp_path), "--backend", "cpp", *QUICK])
+    assert "cannot change backend" in str(e.value)
