@@ -20,6 +20,7 @@ BACKENDS = [b for b in ("torch", "cpp") if b in fastdp.available_backends()]
 def run_engine(
     model, batches, *, max_grad_norm, augmult=1, reduction="mean", strategy=None, clipping="flat", backend="torch"
 ):
+    """The clipped sums by parameter name, the norms, and the strategy each planned layer ran, by module name."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eng = GradSampleEngine(
@@ -35,8 +36,9 @@ def run_engine(
         reduce_rows(row_loss(model(x), t), reduction).backward()
     summed, norms = eng.pop()
     named = dict(model.named_parameters())
+    plans = {name: eng.plans[m][1] for name, m in model.named_modules() if m in eng.plans}
     eng.detach()
-    return {n: summed[p] for n, p in named.items() if p in summed}, norms
+    return {n: summed[p] for n, p in named.items() if p in summed}, norms, plans
 
 
 def split(x, t, sizes):
@@ -62,7 +64,7 @@ def test_rules_match_float64_loop(name, strategy, augmult, reduction, backend):
     C = ref_norms.median().item()
     ref, _ = reference(model, x, t, max_grad_norm=C, augmult=augmult)
     sizes = [2 * augmult, 3 * augmult]  # two micro-batches in one logical batch
-    got, norms = run_engine(
+    got, norms, _ = run_engine(
         model,
         split(x, t, sizes),
         max_grad_norm=C,
@@ -90,7 +92,7 @@ def test_float64_model_is_exact(name, backend):
     x, t = MODELS[name].inputs(4)
     x = x.double() if x.is_floating_point() else x
     ref, ref_norms = reference(model, x, t.double(), max_grad_norm=0.3)
-    got, norms = run_engine(model, [(x, t.double())], max_grad_norm=0.3, backend=backend)
+    got, norms, _ = run_engine(model, [(x, t.double())], max_grad_norm=0.3, backend=backend)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=1e-12)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
@@ -101,7 +103,7 @@ def test_automatic_clipping():
     model = Conv2dNet()
     x, t = Conv2dNet.inputs(4)
     ref, _ = reference(model, x, t, max_grad_norm=0.5, clipping="automatic", gamma=0.01)
-    got, _ = run_engine(model, [(x, t)], max_grad_norm=0.5, clipping="automatic")
+    got, _, _ = run_engine(model, [(x, t)], max_grad_norm=0.5, clipping="automatic")
     for n in ref:
         torch.testing.assert_close(got[n].double(), ref[n], rtol=2e-5, atol=1e-7)
 

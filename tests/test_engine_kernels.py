@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from conftest import reduce_rows, reference, row_loss
 from models import MODELS
+from test_engine import run_engine
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernel modules are imported
@@ -46,26 +47,6 @@ FUSED_LAYERS = {
 }
 
 LINEAR = {"fc1", "fc2", "fc", "mix", "out"}
-
-
-def run_engine(model, batches, *, strategy, max_grad_norm, augmult=1, reduction="mean", backend="triton"):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        eng = GradSampleEngine(
-            model,
-            max_grad_norm=max_grad_norm,
-            augmult=augmult,
-            loss_reduction=reduction,
-            strategy=strategy,
-            backend=backend,
-        )
-    for x, t in batches:
-        reduce_rows(row_loss(model(x), t), reduction).backward()
-    summed, norms = eng.pop()
-    named = dict(model.named_parameters())
-    plans = {name: eng.plans[m][1] for name, m in model.named_modules() if m in eng.plans}
-    eng.detach()
-    return {n: summed[p] for n, p in named.items() if p in summed}, norms, plans
 
 
 def to_device(model, x, t):
