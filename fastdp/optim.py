@@ -133,6 +133,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.steps_taken = 0
         self.per_sample_norms = torch.zeros(0)
         self.examples_last_batch = 0
+        #: examples of the last logical batch whose gradient was non-finite (they contributed exactly zero)
+        self.nonfinite_last_batch = 0
+        self._nonfinite_before = 0
 
     # the wrapped optimizer's state is this optimizer's state (LR schedulers read and write param_groups)
     @property
@@ -202,7 +205,16 @@ class DPOptimizer(torch.optim.Optimizer):
             self._torch_step(summed, std)
         self.per_sample_norms = norms
         self.examples_last_batch = norms.numel()
+        self.nonfinite_last_batch = self.engine.nonfinite_examples - self._nonfinite_before
+        self._nonfinite_before = self.engine.nonfinite_examples
         self.steps_taken += 1
+        if self.examples_last_batch and self.nonfinite_last_batch == self.examples_last_batch:
+            warnings.warn(
+                f"fastdp: step {self.steps_taken}: all {self.examples_last_batch} examples of the logical batch had a "
+                "non-finite gradient (NaN/inf data or an overflow) and contributed zero: the step was noise only. "
+                "Check the data and the loss scale (e.g. bf16/fp16 overflow, a learning rate that diverged).",
+                stacklevel=2,
+            )
         if self.sample_rate is not None:
             self.accountant.step(self.sample_rate, self.noise_multiplier)
 
@@ -273,7 +285,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.noise.load_state_dict(state_dict["noise"])
         self.steps_taken = int(state_dict["steps_taken"])
         self.noise_multiplier = float(state_dict["noise_multiplier"])
-        self.engine.nonfinite_examples = int(state_dict["nonfinite_examples"])
+        self.engine.nonfinite_examples = self._nonfinite_before = int(state_dict["nonfinite_examples"])
         self.engine.load_plan_state(state_dict["plans"])
 
     def __repr__(self) -> str:

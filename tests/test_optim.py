@@ -142,7 +142,28 @@ def test_nonfinite_example_never_reaches_parameters():
     x[1] = float("inf")
     row_loss(model(x), t).mean().backward()
     opt.step()
-    assert opt.nonfinite_examples == 1
+    assert opt.nonfinite_examples == 1 and opt.nonfinite_last_batch == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_nonfinite_batch_warns_with_the_count(backend):
+    torch.manual_seed(13)
+    model = Conv2dNet()
+    opt = fastdp.DPSGD(
+        model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, seed=0, backend=backend
+    )
+    x, t = Conv2dNet.inputs(3)
+    row_loss(model(x), t).mean().backward()
+    opt.step()  # a finite batch: no warning, nothing counted
+    assert opt.nonfinite_last_batch == 0
+    opt.zero_grad()
+    x[:] = float("nan")
+    for half in (x[:2], x[2:]):  # over two micro-batches
+        row_loss(model(half), t[: len(half)]).mean().backward()
+    with pytest.warns(UserWarning, match="step 2: all 3 examples .* non-finite"):
+        opt.step()
+    assert opt.nonfinite_last_batch == 3 and opt.nonfinite_examples == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
