@@ -22,6 +22,7 @@ from fastdp.accounting import PrivacyAccountant, calibrate_noise_multiplier, ste
 from fastdp.backends import resolve_backend
 from fastdp.distributed import active_group, all_reduce_sum, broadcast_int, broadcast_module
 from fastdp.engine import GradSampleEngine
+from fastdp.engine.clipping import get_clipping
 from fastdp.fused_step import FUSED_BACKENDS, FusedStep, fused_kind
 from fastdp.noise import GaussianNoise
 
@@ -92,6 +93,9 @@ class DPOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"sample_size must be an integer >= expected_batch_size ({expected_batch_size}), got {sample_size}"
             )
+        # refused before anything slow (calibrating sigma): each breaks the sensitivity bound or the update
+        get_clipping(clipping, float(max_grad_norm), float(clip_gamma))
+        _check_learning_rates(optimizer)
         self.inner = optimizer
         self.model = model
         self.expected_batch_size = int(expected_batch_size)
@@ -235,6 +239,10 @@ class DPOptimizer(torch.optim.Optimizer):
         for p, g in zip(self.engine.params, grads, strict=True):
             p.grad = g.div_(self.expected_batch_size)
         self.inner.step()
+        # the noisy gradient is consumed, as on the fused path (which never writes p.grad): a user who skips
+        # zero_grad() must not meet it at the next backward, where it would look like an ordinary leaked gradient
+        for p in self.engine.params:
+            p.grad = None
 
     def _fused_step(self) -> FusedStep | None:
         """The backend's one-call step when it can run this optimizer on these parameters (fastdp.fused_step)."""
@@ -280,6 +288,7 @@ class DPOptimizer(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _check_state_shapes(self.inner, state_dict["optimizer"])
         self.inner.load_state_dict(state_dict["optimizer"])
         self.accountant.load_state_dict(state_dict["accountant"])
         self.noise.load_state_dict(state_dict["noise"])
@@ -293,6 +302,43 @@ class DPOptimizer(torch.optim.Optimizer):
             f"DPOptimizer({type(self.inner).__name__}, sigma={self.noise_multiplier:.4g}, C={self.max_grad_norm}, "
             f"B={self.expected_batch_size}, N={self.sample_size}, clipping={self.engine.clipping!r})"
         )
+
+
+def _check_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if lr is not None and not math.isfinite(float(lr)):
+            raise ValueError(
+                f"the optimizer's learning rate must be finite, got lr={float(lr)} in param group {i}; a NaN or "
+                "infinite step would overwrite every parameter"
+            )
+
+
+#: per-parameter optimizer state that is elementwise (the parameter's shape): torch.optim's SGD, Adam(W), NAdam,
+#: RAdam, Adamax, RMSprop, Adagrad, Adadelta, ASGD, Rprop. Factored states (Adafactor's row/column) are not listed.
+_ELEMENTWISE_STATE = frozenset(
+    {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg", "grad_avg",
+     "acc_delta", "sum", "ax", "prev", "step_size"}
+)  # fmt: skip
+
+
+def _check_state_shapes(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Refuse an optimizer state_dict written for parameters of other shapes. torch checks only the number of
+    parameters per group, so such a state would load and fail later inside a fused kernel (or silently broadcast)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for group in state.get("param_groups", ()) for i in group.get("params", ())]
+    position = {pid: k for k, pid in enumerate(saved_ids)}
+    for pid, per_param in state.get("state", {}).items():
+        k = position.get(pid)
+        if k is None or k >= len(params):
+            continue  # torch's own check reports a mismatch in the number of parameters
+        for key, value in per_param.items():
+            if key in _ELEMENTWISE_STATE and isinstance(value, torch.Tensor) and value.shape != params[k].shape:
+                raise ValueError(
+                    f"the optimizer state_dict does not fit this model: parameter {k} has shape "
+                    f"{tuple(params[k].shape)}, its saved {key!r} has shape {tuple(value.shape)}. It was saved from "
+                    "a model with other shapes; load the state_dict of the same model (or start the optimizer anew)."
+                )
 
 
 class DPSGD(DPOptimizer):

@@ -215,7 +215,7 @@ def test_argument_errors_are_clear():
         fastdp.DPSGD(model, lr=0.1, max_grad_norm=1.0, expected_batch_size=4)
     with pytest.raises(ValueError, match="needs target_delta, sample_size"):
         fastdp.DPSGD(model, lr=0.1, max_grad_norm=1.0, expected_batch_size=4, target_epsilon=1.0)
-    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite number > 0"):
         fastdp.DPSGD(Conv2dNet(), lr=0.1, max_grad_norm=0.0, expected_batch_size=4, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="backend 'cuda' was requested but is not available"):
         fastdp.DPSGD(
@@ -258,3 +258,75 @@ def test_fused_step_noise_is_the_philox_stream_in_optimizer_order():
         flat = torch.cat([g[n].flatten() for n, _ in model.named_parameters()]).double()
         z = philox_normal(flat.numel(), seed, step).double()
         torch.testing.assert_close(flat, sigma * C / B * z, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(clipping="automatic", clip_gamma=0.0), "clip_gamma must be a finite number > 0"),
+        (dict(clipping="automatic", clip_gamma=-1.0), "clip_gamma must be a finite number > 0"),
+        (dict(clipping="automatic", clip_gamma=float("nan")), "clip_gamma must be a finite number > 0"),
+        (dict(max_grad_norm=float("inf")), "max_grad_norm must be a finite number > 0"),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite number > 0"),
+        (dict(max_grad_norm=0.0), "max_grad_norm must be a finite number > 0"),
+        (dict(lr=float("nan")), "learning rate must be finite, got lr=nan"),
+        (dict(lr=float("inf")), "learning rate must be finite, got lr=inf"),
+    ],
+)
+def test_arguments_that_break_the_sensitivity_bound_are_refused(kwargs, match):
+    args = dict(lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        fastdp.DPSGD(Conv2dNet(), **args)
+    # the calibration (slow) is not reached first
+    with pytest.raises(ValueError, match=match):
+        fastdp.DPSGD(Conv2dNet(), **(args | dict(noise_multiplier=None, target_epsilon=1.0, target_delta=1e-5,
+                                                sample_size=10**9, steps=10**7)))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clear", ["none", "zero_grad(set_to_none=False)"])
+def test_no_zero_grad_between_steps_is_not_a_leak(backend, clear):
+    """The step consumes the noisy gradient on every backend: skipping zero_grad(), or zeroing instead of clearing,
+    never makes the next backward look like an ordinary (leaked) gradient, and p.grad is None after a step."""
+    torch.manual_seed(14)
+    model = Conv2dNet()
+    opt = fastdp.DPSGD(
+        model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, seed=0, backend=backend
+    )
+    for _ in range(3):
+        x, t = Conv2dNet.inputs(4)
+        row_loss(model(x), t).mean().backward()
+        opt.step()
+        assert all(p.grad is None for p in model.parameters())
+        if clear != "none":
+            opt.zero_grad(set_to_none=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_of_other_shapes_is_refused_at_load(backend):
+    class Wide(torch.nn.Module):  # as many parameters as Narrow, other shapes
+        def __init__(self, d):
+            super().__init__()
+            self.fc = torch.nn.Linear(d, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    def trained(d):
+        torch.manual_seed(15)
+        model = Wide(d)
+        opt = fastdp.DPSGD(
+            model, lr=0.1, momentum=0.9, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4,
+            seed=0, backend=backend,
+        )  # fmt: skip
+        row_loss(model(torch.randn(4, d)), torch.randn(4, 2)).mean().backward()
+        opt.step()
+        return opt
+
+    saved = trained(3).state_dict()
+    target = trained(5)
+    before = copy.deepcopy(target.state_dict())
+    match = r"parameter 0 has shape \(2, 5\), its saved 'momentum_buffer' has shape \(2, 3\)"
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(saved)
+    torch.testing.assert_close(target.state_dict()["optimizer"], before["optimizer"])  # nothing half-loaded

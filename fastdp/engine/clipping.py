@@ -5,6 +5,7 @@ Both bound ||c_i g_i|| <= C, so the sum has sensitivity C and the noise std is s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -33,9 +34,21 @@ def automatic(norms: torch.Tensor, max_norm: float, gamma: float) -> torch.Tenso
     return max_norm / (norms + gamma)
 
 
-def get_clipping(name: str) -> ClipFn:
-    """Look up a clipping rule by name (``flat`` or ``automatic``)."""
+def get_clipping(name: str, max_norm: float, gamma: float) -> ClipFn:
+    """Look up a clipping rule by name (``flat`` or ``automatic``) after checking that its arguments bound the
+    sensitivity: a finite C > 0, and for automatic clipping a finite gamma > 0 (with gamma <= 0 an example of norm
+    ||g|| ~ -gamma gets an unbounded weight; with gamma = 0 a zero gradient gets C / 0)."""
     try:
-        return _CLIPPERS[name]
+        fn = _CLIPPERS[name]
     except KeyError:
         raise ValueError(f"unknown clipping {name!r}; choose one of {sorted(_CLIPPERS)}") from None
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(
+            f"max_grad_norm must be a finite number > 0 (it bounds each example's contribution), got {max_norm}"
+        )
+    if name == "automatic" and not (math.isfinite(gamma) and gamma > 0):
+        raise ValueError(
+            f"clip_gamma must be a finite number > 0 with clipping='automatic' (C / (||g|| + gamma) is bounded by C "
+            f"only then), got {gamma}; the default is 0.01"
+        )
+    return fn

@@ -68,8 +68,6 @@ class GradSampleEngine:
         autotune: bool = True,
         backend: str = "auto",
     ) -> None:
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         if int(augmult) != augmult or augmult < 1:
             raise ValueError(f"augmult must be a positive integer, got {augmult}")
         if loss_reduction not in _REDUCTIONS:
@@ -78,7 +76,7 @@ class GradSampleEngine:
         self.max_grad_norm = float(max_grad_norm)
         self.augmult = int(augmult)
         self.loss_reduction = loss_reduction
-        self.clip_fn = get_clipping(clipping)
+        self.clip_fn = get_clipping(clipping, float(max_grad_norm), float(clip_gamma))
         self.clipping = clipping
         self.clip_gamma = float(clip_gamma)
         self.memory_budget = memory_budget
