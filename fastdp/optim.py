@@ -225,24 +225,42 @@ class DPOptimizer(torch.optim.Optimizer):
     def _torch_step(self, summed: dict[nn.Parameter, torch.Tensor], std: float) -> None:
         # with several ranks only rank 0 adds noise, before the sums are added up: the total carries it once
         noisy = std > 0 and (self.group is None or dist.get_rank(self.group) == 0)
-        grads = []
-        for p in self.engine.params:
-            # the engine's sums are fresh tensors owned by this step, so noise and scaling can go in place
-            g = summed.get(p)
-            if g is None:
-                g = torch.zeros_like(p)
-            if noisy:
-                g.add_(self.noise.sample(p.shape, p.device, p.dtype), alpha=std)
-            grads.append(g)
+        offsets = self._noise_offsets()
+        params = [p for p in self.engine.params if p in offsets]  # the others are not updated by the optimizer
+        # the engine's sums are fresh tensors owned by this step, so noise and scaling can go in place
+        grads = [summed[p] if p in summed else torch.zeros_like(p) for p in params]
+        if noisy:
+            torch._foreach_add_(grads, self._noise(params, offsets), alpha=std)
         if self.group is not None:
             all_reduce_sum(grads, self.group, what=f"the clipped sums of step {self.steps_taken + 1}")
-        for p, g in zip(self.engine.params, grads, strict=True):
-            p.grad = g.div_(self.expected_batch_size)
+        torch._foreach_div_(grads, float(self.expected_batch_size))
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
         self.inner.step()
         # the noisy gradient is consumed, as on the fused path (which never writes p.grad): a user who skips
         # zero_grad() must not meet it at the next backward, where it would look like an ordinary leaked gradient
-        for p in self.engine.params:
+        for p in params:
             p.grad = None
+
+    def _noise_offsets(self) -> dict[nn.Parameter, int]:
+        """Where each parameter's noise starts in the step's stream: elements are numbered over the optimizer's
+        parameters in its order (groups concatenated, frozen ones numbered too), as in the fused steps."""
+        offsets, at = {}, 0
+        for group in self.inner.param_groups:
+            for p in group["params"]:
+                offsets.setdefault(p, at)
+                at += p.numel()
+        return offsets
+
+    def _noise(self, params: list[nn.Parameter], offsets: dict[nn.Parameter, int]) -> list[torch.Tensor]:
+        """This step's N(0, 1) noise for each parameter: elements offsets[p] .. of the stream of (seed, step)."""
+        step = self.steps_taken
+        devices = {p.device for p in params}
+        if len(devices) == 1:  # one draw covering them all (on a GPU: one launch), cut into views
+            end = max(offsets[p] + p.numel() for p in params)
+            z = self.noise.sample(end, step, 0, devices.pop())
+            return [z[offsets[p] : offsets[p] + p.numel()].view(p.shape) for p in params]
+        return [self.noise.sample(p.numel(), step, offsets[p], p.device).view(p.shape) for p in params]
 
     def _fused_step(self) -> FusedStep | None:
         """The backend's one-call step when it can run this optimizer on these parameters (fastdp.fused_step)."""

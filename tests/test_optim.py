@@ -246,18 +246,57 @@ def test_lr_scheduler_works_with_dp_optimizer():
     assert opt.param_groups[0]["lr"] == 0.5
 
 
-@pytest.mark.skipif("cpp" not in BACKENDS, reason="fastdp._C is not built")
-def test_fused_step_noise_is_the_philox_stream_in_optimizer_order():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_is_the_philox_stream_of_seed_step_and_element(backend):
+    """On every path element e of step t's noise is Philox(seed, t, e), numbered over the optimizer's parameters in
+    its order (groups concatenated, a frozen parameter numbered and left alone): no generator state that a restore, a
+    device move or a rank could restart."""
     from fastdp.philox import philox_normal
 
-    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(20, 5))
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(20, 5), torch.nn.Linear(5, 3))
+    model[1].bias.requires_grad_(False)
     sigma, C, B, seed = 1.5, 2.0, 8, 2**40 + 3
-    opt = fastdp.DPSGD(model, lr=1.0, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=B, seed=seed)
+    groups = [{"params": list(model[2].parameters())}, {"params": list(model[:2].parameters())}]
+    opt = fastdp.DPOptimizer(
+        torch.optim.SGD(groups, lr=1.0), model, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=B,
+        seed=seed, backend=backend,
+    )  # fmt: skip
+    order = [p for g in groups for p in g["params"]]
     for step in range(2):  # empty batches: the update is the noise alone
-        g = stepped_gradient(model, opt, 1.0)
-        flat = torch.cat([g[n].flatten() for n, _ in model.named_parameters()]).double()
+        before = [p.detach().clone() for p in order]
+        opt.step()
+        flat = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, order, strict=True)]).double()
         z = philox_normal(flat.numel(), seed, step).double()
+        z[sum(p.numel() for p in order[:5]) :][: model[1].bias.numel()] = 0  # the frozen bias: numbered, not noised
         torch.testing.assert_close(flat, sigma * C / B * z, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restored_noise_continues_the_stream_never_replays_it(backend):
+    """A checkpoint restored where the old per-device generators had no state (cuda:0 -> cuda:1, cpu -> cpu:0;
+    simulated by renaming the device keys of any saved generator state) continues with the uninterrupted run's
+    noise: an observer of two updates must never see the same draw twice."""
+    kw = dict(lr=1.0, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=1, seed=5, backend=backend)
+
+    def noise(opt, model):
+        before = model.weight.detach().clone()
+        opt.step()
+        return before - model.weight.detach()
+
+    model = torch.nn.Linear(50, 40, bias=False)
+    opt = fastdp.DPSGD(model, **kw)
+    first = noise(opt, model)
+    state, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    uninterrupted = noise(opt, model)
+    saved = state["noise"].get("states", {})
+    state["noise"]["states"] = {k.replace("cpu", "cpu:0"): v for k, v in saved.items()}  # another device name
+    resumed_model = torch.nn.Linear(50, 40, bias=False)
+    resumed_model.load_state_dict(weights)
+    resumed = fastdp.DPSGD(resumed_model, **kw | dict(seed=None))
+    resumed.load_state_dict(state)
+    again = noise(resumed, resumed_model)
+    torch.testing.assert_close(again, uninterrupted, rtol=0, atol=0)
+    assert (again - first).abs().min() > 0  # no coordinate repeats step 1's draw
 
 
 @pytest.mark.parametrize(
