@@ -237,3 +237,66 @@ def test_memory_budget_steers_the_plan():
         assert costs[choice].memory == min(c.memory for c in costs.values()), (module, choice)
     for n, p in model.named_parameters():
         torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=2e-6 * ref[n].abs().max().item())
+
+
+def test_running_statistics_of_the_private_batch_are_refused():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+    )
+    with pytest.raises(
+        ValueError, match=r"1 \(InstanceNorm2d\) has track_running_stats=True.*track_running_stats=False"
+    ):
+        GradSampleEngine(model, max_grad_norm=1.0)
+    model[1] = torch.nn.InstanceNorm2d(4, affine=True)
+    GradSampleEngine(model, max_grad_norm=1.0)
+
+
+def test_buffer_updated_from_the_batch_is_refused_and_put_back():
+    class RunningMean(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+            self.register_buffer("mean", torch.zeros(4))
+
+        def forward(self, x):
+            if self.training:
+                self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+            return self.fc(x - self.mean)
+
+    model = RunningMean()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match=r"updated the buffer\(s\) mean from the private batch"):
+        model(torch.randn(5, 4) + 3)
+    assert torch.equal(model.mean, torch.zeros(4)), "the first forward's statistics are put back"
+    model.eval()
+    model(torch.randn(5, 4)).sum().backward()  # eval mode does not update it
+
+
+def test_norms_and_clipped_sums_use_full_fp32_whatever_tf32_allows(monkeypatch):
+    """cuDNN's TF32 default (and a user's set_float32_matmul_precision("high")) must not reach the norms or the
+    clipped sums: their inputs would be rounded to 10 bits, and C enforced only to ~1e-3."""
+    from fastdp.engine import contributions, precision
+    from fastdp.rules.ws_conv import WSConvRule
+
+    for mod, attr, _ in precision._KNOBS:  # what the user (or cuDNN's default) chose
+        monkeypatch.setattr(mod, attr, "tf32" if attr == "fp32_precision" else True)
+    seen = []
+
+    def spy(fn, what):
+        def wrapped(*a, **k):
+            seen.append((what, tuple(getattr(mod, attr) for mod, attr, _ in precision._KNOBS)))
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(WSConvRule, "contributions", spy(WSConvRule.contributions, "norm"))
+    monkeypatch.setattr(WSConvRule, "compute", spy(WSConvRule.compute, "ws forward"))
+    monkeypatch.setattr(contributions.Kept, "weighted_sum", spy(contributions.Kept.weighted_sum, "clipped sum"))
+    torch.manual_seed(4)
+    model = MODELS["ws"]()
+    x, t = MODELS["ws"].inputs(4)
+    run_engine(model, [(x, t)], max_grad_norm=1.0, strategy="ghost")
+    full = tuple(value for _, _, value in precision._KNOBS)
+    assert {what for what, _ in seen} == {"norm", "ws forward", "clipped sum"}
+    assert all(flags == full for _, flags in seen), seen
+    assert all(getattr(mod, attr) in ("tf32", True) for mod, attr, _ in precision._KNOBS), "restored afterwards"

@@ -20,12 +20,26 @@ from fastdp.backends import resolve_backend
 from fastdp.engine.clipping import get_clipping
 from fastdp.engine.contributions import Contribution, Summed, reducing_with
 from fastdp.engine.layer_kernels import layer_kernels
+from fastdp.engine.precision import full_fp32
+from fastdp.engine.provenance import (
+    Provenance,
+    ProvenanceError,
+    Recorder,
+    Shared,
+    expand_shared,
+    first_batch_tensor,
+    probe,
+    quiet_model,
+    signature,
+)
 from fastdp.engine.reducers import reducer_for
 from fastdp.rules import fallback_rule, rule_for
 from fastdp.rules.base import LayerCall, LayerFunction, Rule
 
 #: modules that mix the examples of a batch: per-example gradients do not exist for them
 _EXAMPLE_MIXING = (nn.modules.batchnorm._BatchNorm,)
+#: modules that can keep running statistics of the batches they see in training mode
+_RUNNING_STATS = (nn.modules.batchnorm._NormBase,)
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -92,16 +106,28 @@ class GradSampleEngine:
         self.plans: dict[nn.Module, tuple[tuple, str]] = {}
         #: the candidates each plan was chosen from, with their modelled cost (for inspection)
         self.plan_costs: dict[nn.Module, dict] = {}
+        #: the provenance of every wrapped call, by the model input's signature (fastdp.engine.provenance)
+        self.layouts: dict[tuple, dict[tuple[nn.Module, int], Provenance]] = {}
         self._pass: dict[nn.Parameter, list[Contribution]] | None = None
-        self._pass_rows = 0
+        self._pass_examples = 0
         self._bypass = False
+        self._micro: _MicroBatch | None = None
+        self._depth = 0
+        self._recorder: Recorder | None = None
+        self._buffers_checked = False
+        self._buffer_versions: dict[str, tuple[int, int]] = {}
+        self._buffer_copies: list[torch.Tensor] | None = None
         self._wrapped: list[nn.Module] = []
         self._hooks: list = []
+        self._names = {m: n for n, m in model.named_modules()}
         self.params = [p for p in model.parameters() if p.requires_grad]
+        _refuse_running_statistics(model)
         self._attach(model, prefix="")
         for name, p in model.named_parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(_leak_guard(name)))
+        self._hooks.append(model.register_forward_pre_hook(self._enter, with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(self._exit, always_call=True))
 
     # ------------------------------------------------------------------ wrapping
     def _attach(self, module: nn.Module, prefix: str) -> None:
@@ -145,33 +171,112 @@ class GradSampleEngine:
             h.remove()
         self._wrapped, self._hooks = [], []
 
+    # ------------------------------------------------------------------ the micro-batch of a forward
+    def _enter(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the model: how many examples the micro-batch holds, and where each wrapped call's
+        input comes from (probed once per input signature)."""
+        if self._recorder is not None or self._bypass:
+            return  # a probe forward, or the fallback's recomputation
+        self._depth += 1
+        if self._depth > 1 or not torch.is_grad_enabled():
+            return
+        try:
+            self._micro = self._micro_batch(args, kwargs)
+            self._buffer_versions = _buffer_versions(model)
+            if not self._buffers_checked and model.training:
+                self._buffer_copies = [b.detach().clone() for _, b in model.named_buffers()]
+        except BaseException:
+            self._depth -= 1
+            raise
+
+    def _exit(self, model: nn.Module, args: tuple, output) -> None:
+        if self._recorder is not None or self._bypass:
+            return
+        self._depth = max(0, self._depth - 1)
+        if self._depth or self._micro is None:
+            return
+        self._micro = None
+        changed = [n for n, v in _buffer_versions(model).items() if self._buffer_versions.get(n) != v]
+        copies, self._buffer_copies = self._buffer_copies, None
+        if changed and model.training:
+            if copies is not None:  # the first forward: put back what it computed from the private batch
+                with torch.no_grad():
+                    for (_, b), saved in zip(model.named_buffers(), copies, strict=True):
+                        b.copy_(saved)
+            raise RuntimeError(
+                f"fastdp: the forward updated the buffer(s) {', '.join(changed)} from the private batch. Buffers are "
+                "not noised: their values (running statistics, say) would reach state_dict() and every checkpoint "
+                "without any privacy guarantee. Compute them without the private data (from public data, or "
+                "fixed), or do not keep them (e.g. track_running_stats=False)."
+            )
+        self._buffers_checked = self._buffers_checked or model.training
+
+    def _micro_batch(self, args: tuple, kwargs: dict) -> _MicroBatch:
+        x = first_batch_tensor((args, kwargs))
+        if x is None:
+            raise ValueError(
+                "fastdp: the model was called without a tensor argument that has a batch dimension, so the engine "
+                "cannot tell how many examples the micro-batch holds. Pass the batch (examples in dim 0) as a tensor "
+                "argument of the model."
+            )
+        rows = x.shape[0]
+        if rows == 0:
+            raise ValueError(
+                "fastdp: an empty micro-batch (0 rows) reached the model with gradients enabled. An empty Poisson "
+                "batch needs no forward or backward: call only opt.step() for it (it adds the noise)."
+            )
+        if rows % self.augmult:
+            raise ValueError(
+                f"fastdp: a micro-batch of {rows} rows is not a whole number of examples with augmult={self.augmult}; "
+                "pass the K views of every example as consecutive rows."
+            )
+        examples = rows // self.augmult
+        if examples == 1:
+            return _MicroBatch(examples, None)  # every row belongs to the one example: nothing to attribute
+        key = signature((args, kwargs), rows)
+        layout = self.layouts.get(key)
+        if layout is None:
+            layout = self.layouts[key] = self._probe(args, kwargs, examples)
+        return _MicroBatch(examples, layout)
+
+    def _probe(self, args: tuple, kwargs: dict, examples: int) -> dict:
+        def run(a, recorder: Recorder):
+            self._recorder = recorder
+            try:
+                return self.model(*a[0], **a[1])
+            finally:
+                self._recorder = None
+
+        with quiet_model(self.model):
+            return probe(run, (args, kwargs), examples, self.augmult, self._names)
+
     def _run(self, rule: Rule, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self._recorder is not None:
+            return self._recorder(module, x, lambda x: type(module).forward(module, x))
         params = rule.params(module)
         if self._bypass or not torch.is_grad_enabled() or not params:
             return type(module).forward(module, x)
-        if x.dim() > 0 and x.shape[0] == 0:
+        micro = self._micro
+        if micro is None:
             raise ValueError(
-                f"fastdp: an empty micro-batch (0 rows) reached {type(module).__name__} with gradients enabled. An "
-                "empty Poisson batch needs no forward or backward: call only opt.step() for it (it adds the noise)."
+                f"fastdp: {self._names.get(module) or 'model'} ({type(module).__name__}) was called with gradients "
+                "enabled outside a forward of the model the optimizer wraps. Call the model itself (model(x)): its "
+                "input tells the engine how many examples the micro-batch holds."
             )
-        if x.dim() == 0 or x.shape[0] % self.augmult:
-            raise ValueError(
-                f"fastdp: a micro-batch of {x.shape[0] if x.dim() else 0} rows is not a whole number of examples "
-                f"with augmult={self.augmult}; pass the K views of every example as consecutive rows."
-            )
-        call = LayerCall(self, rule, module, strategy="")
+        x, m = micro.rows_of(module, x, self)
+        call = LayerCall(self, rule, module, strategy="", examples=micro.examples, rows_per_example=m)
         x = rule.prepare(call, x)
         call.strategy = self._plan(call, x)
         return LayerFunction.apply(call, x, *params)
 
     # ------------------------------------------------------------------ planning
     def _plan(self, call: LayerCall, x: torch.Tensor) -> str:
-        rule, module = call.rule, call.module
-        key = (tuple(x.shape[1:]), x.dtype)
+        rule, module, m = call.rule, call.module, call.rows_per_example
+        key = (tuple(x.shape[1:]), x.dtype, m)
         cached = self.plans.get(module)
         if cached is not None and cached[0] == key:
             return cached[1]
-        candidates = rule.strategies(module, x, self.augmult, self.kernels)
+        candidates = rule.strategies(module, x, m, self.kernels)
         if self.strategy is not None and self.strategy in candidates:
             choice = self.strategy
         else:
@@ -219,9 +324,16 @@ class GradSampleEngine:
         machine's state during tuning then hits all of them alike instead of deciding the ranking.
         """
         rule = planned.rule
-        calls = {k: LayerCall(self, rule, planned.module, strategy=k, info=dict(planned.info)) for k in strategies}
+        calls = {
+            k: LayerCall(
+                self, rule, planned.module, strategy=k, info=dict(planned.info), examples=planned.examples,
+                rows_per_example=planned.rows_per_example,
+            )
+            for k in strategies
+        }  # fmt: skip
         best = dict.fromkeys(strategies, float("inf"))
-        with torch.no_grad():
+        # in the precision the step runs them (fastdp.engine.precision), so that the timings rank what will run
+        with torch.no_grad(), full_fp32():
             grad_out = None
             for r in range(rounds + 1):
                 for k, call in list(calls.items()):
@@ -231,7 +343,7 @@ class GradSampleEngine:
                     _synchronize(x.device)
                     start = time.perf_counter()
                     try:
-                        merged = [c for _, c in rule.contributions(call, saved, grad_out, self.augmult)]
+                        merged = [c for _, c in rule.contributions(call, saved, grad_out, call.rows_per_example)]
                         sq = sum(c.sq_norm() for c in merged)
                         for c in merged:
                             c.weighted_sum(torch.ones_like(sq))
@@ -254,15 +366,15 @@ class GradSampleEngine:
 
     def plan_state(self) -> dict[str, tuple]:
         """The chosen strategies by module name, so that a resumed run computes exactly the same way."""
-        names = {m: n for n, m in self.model.named_modules()}
-        return {names[m]: (list(key[0]), str(key[1]), choice) for m, (key, choice) in self.plans.items()}
+        return {self._names[m]: (list(key[0]), str(key[1]), choice, key[2]) for m, (key, choice) in self.plans.items()}
 
     def load_plan_state(self, state: dict[str, tuple]) -> None:
         modules = dict(self.model.named_modules())
-        for name, (shape, dtype, choice) in state.items():
+        for name, (shape, dtype, choice, *rest) in state.items():
             if name not in modules:
                 raise KeyError(f"saved plan names module {name!r}, which this model does not have")
-            self.plans[modules[name]] = ((tuple(shape), getattr(torch, dtype.removeprefix("torch."))), choice)
+            m = rest[0] if rest else self.augmult  # plans saved before rows per example were part of the key
+            self.plans[modules[name]] = ((tuple(shape), getattr(torch, dtype.removeprefix("torch.")), m), choice)
 
     # ------------------------------------------------------------------ backward
     def record(self, call: LayerCall, saved, grad_out: torch.Tensor) -> None:
@@ -274,47 +386,49 @@ class GradSampleEngine:
                     "would be counted twice and the privacy guarantee would be wrong; run a new forward per backward."
                 )
             call.consumed = True
-            rows = grad_out.shape[0]
             if self._pass is None:
-                self._pass, self._pass_rows = {}, rows
+                self._pass, self._pass_examples = {}, call.examples
                 torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
-            elif rows != self._pass_rows:
+            elif call.examples != self._pass_examples:
                 raise ValueError(
-                    f"fastdp: layers of one backward saw {self._pass_rows} and {rows} rows. Every wrapped layer "
-                    "must see the micro-batch with examples in dim 0 (no flattening of the batch into other dims)."
+                    f"fastdp: one backward went through forwards of micro-batches of {self._pass_examples} and "
+                    f"{call.examples} examples ({self._names.get(call.module) or 'model'} was in the second). Run one "
+                    "backward per forward: sum the losses of one micro-batch only."
                 )
-            for p, c in call.rule.contributions(call, saved, grad_out, self.augmult):
-                self._pass.setdefault(p, []).append(c)
+            with full_fp32():
+                for p, c in call.rule.contributions(call, saved, grad_out, call.rows_per_example):
+                    self._pass.setdefault(p, []).append(c)
         except BaseException:
             self._pass = None
             raise
 
     def _finalize(self) -> None:
-        contributions, rows = self._pass, self._pass_rows
+        contributions, examples = self._pass, self._pass_examples
         self._pass = None
         if not contributions:
             return
-        K = self.augmult
-        # per-row gradients -> per-example: g_i = scale * sum_k rowgrad_{ik}; the mean over K views and the
-        # loss reduction's 1/rows are folded into one scale applied to norms and clip weights
-        scale = rows / K if self.loss_reduction == "mean" else 1.0 / K
-        merged = {p: cs[0] if len(cs) == 1 else Summed(cs) for p, cs in contributions.items()}
-        sq = sum(c.sq_norm() for c in merged.values())
-        norms = sq.sqrt() * scale
-        factors = self.clip_fn(norms, self.max_grad_norm, self.clip_gamma)
-        finite = torch.isfinite(norms)
-        if not bool(finite.all()):
-            # a non-finite example contributes exactly zero: its data is zeroed, not just down-weighted
-            self.nonfinite_examples += int((~finite).sum())
-            factors = torch.where(finite, factors, torch.zeros_like(factors))
-            for c in merged.values():
-                c.drop(finite)
-        weights = factors * scale
-        with reducing_with(self.reducer):
-            for p, c in merged.items():
-                s = c.weighted_sum(weights).to(p.dtype).view_as(p)
-                prev = self.summed.get(p)
-                self.summed[p] = s if prev is None else prev + s
+        # per-row gradients -> per-example: g_i = scale * sum of example i's row gradients; the mean over its K
+        # views and the loss reduction's 1/rows (rows = N*K model-input rows) are folded into one scale applied to
+        # norms and clip weights
+        scale = examples if self.loss_reduction == "mean" else 1.0 / self.augmult
+        with full_fp32():
+            merged = {p: cs[0] if len(cs) == 1 else Summed(cs) for p, cs in contributions.items()}
+            sq = sum(c.sq_norm() for c in merged.values())
+            norms = sq.sqrt() * scale
+            factors = self.clip_fn(norms, self.max_grad_norm, self.clip_gamma)
+            finite = torch.isfinite(norms)
+            if not bool(finite.all()):
+                # a non-finite example contributes exactly zero: its data is zeroed, not just down-weighted
+                self.nonfinite_examples += int((~finite).sum())
+                factors = torch.where(finite, factors, torch.zeros_like(factors))
+                for c in merged.values():
+                    c.drop(finite)
+            weights = factors * scale
+            with reducing_with(self.reducer):
+                for p, c in merged.items():
+                    s = c.weighted_sum(weights).to(p.dtype).view_as(p)
+                    prev = self.summed.get(p)
+                    self.summed[p] = s if prev is None else prev + s
         self.norms.append(norms.detach())
 
     # ------------------------------------------------------------------ logical batch
@@ -328,6 +442,56 @@ class GradSampleEngine:
     def discard(self) -> None:
         """Forget the clipped sums of the current logical batch (what zero_grad does to ordinary grads)."""
         self.summed, self.norms = {}, []
+
+
+class _MicroBatch:
+    """One forward's micro-batch: N examples, the probed provenance of each wrapped call (None when N == 1), and how
+    many times each module has been called so far."""
+
+    def __init__(self, examples: int, layout: dict | None) -> None:
+        self.examples, self.layout = examples, layout
+        self.count: dict[nn.Module, int] = {}
+
+    def rows_of(self, module: nn.Module, x: torch.Tensor, engine: GradSampleEngine) -> tuple[torch.Tensor, int]:
+        """The layer's input as the engine feeds it (a shared one expanded to N*K rows) and its rows per example."""
+        index = self.count.get(module, 0)
+        self.count[module] = index + 1
+        K, name = engine.augmult, engine._names.get(module) or "model"
+        if self.layout is None:  # one example owns every row
+            return (x, x.shape[0]) if x.dim() > 0 else (expand_shared(x, K), K)
+        prov = self.layout.get((module, index))
+        if prov is None:
+            raise ProvenanceError(
+                f"fastdp: {name} ({type(module).__name__}) was called {index + 1} time(s) in this forward, more than "
+                "when the engine probed the model for this input shape (in eval mode). Make the layer calls "
+                "independent of the data and of train/eval mode."
+            )
+        if isinstance(prov, Shared):
+            return expand_shared(x, self.examples * K), K
+        m = prov.rows_per_example
+        if x.dim() == 0 or x.shape[0] != self.examples * m:
+            raise ProvenanceError(
+                f"fastdp: {name} ({type(module).__name__}) got an input of shape {tuple(x.shape)}; for this input "
+                f"shape it had {m} rows per example, {self.examples * m} for the {self.examples} examples of this "
+                "micro-batch. Keep the examples in dim 0 of every layer's input."
+            )
+        return x, m
+
+
+def _refuse_running_statistics(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, _RUNNING_STATS) and m.track_running_stats and not isinstance(m, _EXAMPLE_MIXING):
+            raise ValueError(
+                f"fastdp: {name or 'model'} ({type(m).__name__}) has track_running_stats=True: in training mode "
+                "it updates running_mean/running_var from the private batch, statistics without noise that "
+                "state_dict() and every checkpoint would publish. Build it with track_running_stats=False (it then "
+                "normalises each example by its own statistics in eval mode too)."
+            )
+
+
+def _buffer_versions(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Each buffer's identity and version counter: an in-place update bumps the counter, a reassignment the id."""
+    return {n: (id(b), b._version) for n, b in model.named_buffers()}
 
 
 def _shortlist(fits: dict) -> list[str]:

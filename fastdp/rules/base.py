@@ -8,6 +8,7 @@ rule's ``Contribution`` per parameter. The autograd weight gradient is therefore
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from fastdp.engine.contributions import Contribution
+from fastdp.engine.precision import full_fp32
 
 if TYPE_CHECKING:
     from fastdp.engine.engine import GradSampleEngine
@@ -39,6 +41,10 @@ class LayerCall:
     strategy: str
     info: dict[str, Any] = field(default_factory=dict)
     consumed: bool = False
+    #: N, the examples of the micro-batch this call belongs to
+    examples: int = 1
+    #: m, the consecutive rows of the layer's input that belong to each example (K, or K*T for flattened tokens)
+    rows_per_example: int = 1
 
 
 class Rule:
@@ -50,6 +56,8 @@ class Rule:
 
     #: methods a subclass of the registered type must not override for this rule to stay exact
     frozen_methods: tuple[str, ...] = ("forward",)
+    #: whether the per-example norm reads a tensor the forward computed (then the forward runs in full fp32 too)
+    norm_reads_forward: bool = False
 
     def check(self, module: nn.Module) -> None:
         """Raise a clear error if this module's configuration is not supported."""
@@ -117,7 +125,8 @@ class LayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call: LayerCall, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        out, saved = call.rule.compute(call, x)
+        with full_fp32() if call.rule.norm_reads_forward else nullcontext():
+            out, saved = call.rule.compute(call, x)
         ctx.call = call
         ctx.save_for_backward(*saved)
         return out

@@ -76,6 +76,8 @@ class WSWeight(Contribution):
 class WSConvRule(ConvRule):
     frozen_methods = ("forward", "_conv_forward", "standardized_weight", "row_scale")
     per_row_norms = True
+    # the ghost strategies take g . u from the pre-scale output conv(x, u) of the forward
+    norm_reads_forward = True
 
     def compute(self, call: LayerCall, x: torch.Tensor):
         m = call.module

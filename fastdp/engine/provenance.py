@@ -1,0 +1,294 @@
+"""Which rows of each wrapped layer's input belong to which example: decided by provenance, not by shape.
+
+The engine attributes the rows of a wrapped layer's input to examples. A tensor built inside the forward
+(``self.wpe(torch.arange(t))``), or the batch flattened into rows ((B, T, D) -> (B*T, D)), breaks the naive rule
+"row r is example r // K" silently whenever the row count happens to fit (t == rows). So the model's input fixes N,
+the examples of the micro-batch (dim 0 of its first tensor argument holds N*K rows, K the augmentation multiplicity),
+and once per input signature a *probe* finds out where each wrapped call's input comes from. It runs the model
+without gradients, in eval mode (no dropout), on three versions of the micro-batch, every tensor argument with N*K
+rows changed alike:
+
+- A: the batch as given;
+- R: the examples rolled by one (example j takes example j-1's place);
+- D: example 0 replaced by a copy of example 1.
+
+Input X of a call with n = N*m rows is *batched*, m rows per example, example-major, when R moves its rows with the
+examples (X_R = roll(X_A, m)) and D changes exactly example 0's block into example 1's (X_D = X_A with block 0 :=
+block 1). Each example's gradient then arrives in its own m rows, which the rule sums per example (m = K for an
+ordinary layer, m = K*T for tokens flattened into rows). It is *shared* when neither R nor D changes it: it does not
+come from the batch at all (positions, a constant), so autograd sums its gradient over the examples before the
+layer sees it. The engine then feeds the layer its input expanded to N*K rows, so the output carries a batch
+dimension and each example's output gradient arrives in its own rows; a fourth probe forward checks that the
+expansion leaves the model's output unchanged (shape and values), i.e. that the output was only ever broadcast over
+the batch. Anything else, an input that changes with several examples (batch statistics, a mean over the batch) or
+rows in an order the engine cannot attribute, is refused with the module's name.
+
+An input that is identical for every example under both changes (rows that are copies of one tensor, e.g.
+``torch.arange(t).expand(B, t)``) is batched or shared depending on how its output is used, which the input cannot
+tell: a fifth kind of forward adds a perturbation to example 0's rows of that call's output and checks that no other
+example's model output moves.
+
+With one example (N = 1) every row belongs to it, so every call is exact with m = all of its rows; no probe is needed.
+The probe restores the RNG states, the modules' training flags and every buffer, so it changes nothing a run computes.
+Its cost is a few forwards without gradients per new input signature (shapes apart from the batch size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+#: relative tolerance of "unchanged" between probe forwards: the same rows through the same kernels, so only a
+#: kernel whose reduction order depends on a row's position could differ, by a few ulp
+_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Batched:
+    """The input holds ``rows_per_example`` consecutive rows of every example (example-major)."""
+
+    rows_per_example: int
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The input is the same for every example (it does not come from the batch): expand it to N*K rows."""
+
+
+Provenance = Batched | Shared
+#: a wrapped call of one forward: the module and how many times it was called before in that forward
+CallKey = tuple[nn.Module, int]
+
+
+class ProvenanceError(ValueError):
+    """A wrapped layer whose rows cannot be attributed to examples exactly."""
+
+
+def batch_tensors(args: Any, rows: int) -> list[torch.Tensor]:
+    """The tensor leaves of ``args`` with ``rows`` rows in dim 0 (the ones the probe changes)."""
+    leaves, _ = tree_flatten(args)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows]
+
+
+def first_batch_tensor(args: Any) -> torch.Tensor | None:
+    """The model input's first tensor with a dim 0: its rows are the micro-batch's rows."""
+    leaves, _ = tree_flatten(args)
+    return next((t for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+
+
+def signature(args: Any, rows: int) -> tuple:
+    """What decides the probe's result, apart from the batch size: shapes (dim 0 of batch tensors left out), dtypes
+    and the values of plain Python arguments."""
+    leaves, _ = tree_flatten(args)
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            batched = leaf.dim() > 0 and leaf.shape[0] == rows
+            out.append((batched, tuple(leaf.shape[1:] if batched else leaf.shape), leaf.dtype, leaf.device.type))
+        elif leaf is None or isinstance(leaf, bool | int | float | str):
+            out.append(leaf)
+        else:
+            out.append(type(leaf).__qualname__)
+    return tuple(out)
+
+
+class Recorder:
+    """What the wrapped forwards do during a probe forward: note each call's input, optionally expand shared inputs
+    (``layout``) and perturb one call's output rows (``perturb``)."""
+
+    def __init__(
+        self, examples: int, rows: int, layout: dict[CallKey, Provenance] | None = None, perturb: tuple | None = None
+    ) -> None:
+        self.examples, self.rows, self.layout, self.perturb = examples, rows, layout, perturb
+        self.calls: list[tuple[CallKey, torch.Tensor]] = []
+        self._count: dict[nn.Module, int] = {}
+
+    def __call__(self, module: nn.Module, x: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]):
+        key = (module, self._count.get(module, 0))
+        self._count[module] = key[1] + 1
+        self.calls.append((key, x.detach().clone()))
+        if self.layout is not None and isinstance(self.layout.get(key), Shared):
+            x = expand_shared(x, self.rows)
+        out = forward(x)
+        if self.perturb is not None and self.perturb[0] == key and isinstance(out, torch.Tensor):
+            m = self.perturb[1]
+            out = out.clone()
+            out[:m] += 1.0 + out[:m].abs()  # moves every entry of example 0's rows
+        return out
+
+
+def expand_shared(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """A shared input as ``rows`` identical rows (a stride-0 view: no copy)."""
+    return x.unsqueeze(0).expand(rows, *x.shape)
+
+
+def probe(
+    run: Callable[[Any, Recorder], Any], args: Any, examples: int, augmult: int, names: dict[nn.Module, str]
+) -> dict[CallKey, Provenance]:
+    """The provenance of every wrapped call of the forward ``run(args, recorder)`` (see the module docstring).
+
+    Args:
+        run: runs the model's forward on ``args`` with the wrapped layers reporting to ``recorder``.
+        args: the model's (args, kwargs) of this micro-batch.
+        examples: N >= 2, the examples of the micro-batch.
+        augmult: K, rows per example of the model's input.
+        names: module -> qualified name, for the error messages.
+    """
+    rows = examples * augmult
+
+    def changed(fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        return tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows else t,
+                        args)  # fmt: skip
+
+    def rolled(t: torch.Tensor) -> torch.Tensor:
+        return t.roll(augmult, 0)
+
+    def duplicated(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t[:augmult] = t[augmult : 2 * augmult]
+        return t
+
+    recs = {}
+    outs = {}
+    for kind, a in (("A", args), ("R", changed(rolled)), ("D", changed(duplicated))):
+        recs[kind] = Recorder(examples, rows)
+        outs[kind] = run(a, recs[kind])
+    keys = [k for k, _ in recs["A"].calls]
+    for kind in ("R", "D"):
+        if [k for k, _ in recs[kind].calls] != keys:
+            raise ProvenanceError(
+                "fastdp: the model called its layers in a different order when the examples of the micro-batch were "
+                "reordered (data-dependent control flow), so the engine cannot tell which rows of each layer belong to "
+                "which example. Make the sequence of layer calls independent of the data."
+            )
+    layout: dict[CallKey, Provenance] = {}
+    ambiguous = []
+    for (key, xa), (_, xr), (_, xd) in zip(recs["A"].calls, recs["R"].calls, recs["D"].calls, strict=True):
+        n = xa.shape[0] if xa.dim() > 0 else 0
+        m = n // examples if n and n % examples == 0 else 0
+        equivariant = m > 0 and _close(xr, xa.roll(m, 0)) and _close(xd, _copy_block(xa, m))
+        invariant = _close(xr, xa) and _close(xd, xa)
+        if equivariant and invariant:
+            ambiguous.append((key, m))
+            layout[key] = Batched(m)
+        elif equivariant:
+            layout[key] = Batched(m)
+        elif invariant:
+            layout[key] = Shared()
+        else:
+            raise ProvenanceError(
+                f"fastdp: {_describe(key, names)} gets an input of shape {tuple(xa.shape)} whose rows cannot be "
+                f"attributed to the {examples} examples of the micro-batch (model input: {rows} rows, {augmult} per "
+                "example): changing one example moved rows of others, or moved rows that are not example-major. Per-"
+                "example gradients do not exist for it: keep each example's rows together and separate from the "
+                "others (no statistics over the batch, no reordering of rows across examples)."
+            )
+    for key, m in ambiguous:
+        # the same input for every example: batched (a per-example copy) if each copy only reaches its own example
+        rec = Recorder(examples, rows, perturb=(key, m))
+        if not _only_example_zero_moved(outs["A"], run(args, rec), examples):
+            shape = tuple(recs["A"].calls[keys.index(key)][1].shape)
+            raise ProvenanceError(
+                f"fastdp: {_describe(key, names)} gets an input of shape {shape} with {examples} identical blocks of "
+                "rows (the same for every example), and its output rows reach other examples than their own: the "
+                "engine cannot tell whose gradient each row carries. Feed it a tensor without a batch dimension (e.g. "
+                "torch.arange(t), shared by all examples), or rows that belong to one example each."
+            )
+    shared = [key for key, p in layout.items() if isinstance(p, Shared)]
+    if shared:
+        try:
+            same, failure = _same_output(outs["A"], run(args, Recorder(examples, rows, layout=layout))), None
+        except Exception as e:  # noqa: BLE001 - the copies broke the user's forward: that is the answer
+            same, failure = False, e
+        if not same:
+            raise ProvenanceError(
+                f"fastdp: {', '.join(_describe(k, names) for k in shared)} get an input that does not come from the "
+                "batch (the same for every example), so their gradient arrives summed over the examples. fastdp "
+                "handles that by giving the layer one copy of its input per example, which works when the output is "
+                "only broadcast over the batch; here it changed the model's output. Feed the layer a batched input "
+                f"(e.g. positions expanded to the batch: torch.arange(t).expand({rows}, t))."
+                + (f" (With the copies the forward failed: {type(failure).__name__}: {failure}.)" if failure else "")
+            ) from failure
+    return layout
+
+
+def _describe(key: CallKey, names: dict[nn.Module, str]) -> str:
+    module, index = key
+    call = f", call {index + 1} in the forward" if index else ""
+    return f"{names.get(module, 'model') or 'model'} ({type(module).__name__}{call})"
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to _RTOL of the largest entry (NaN equal to NaN). torch.allclose(equal_nan=True) was ~10x slower than
+    the forward itself on a WRN's activations."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b) or a.numel() == 0:
+        return True
+    if not a.is_floating_point():
+        return False
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if not torch.equal(fa, fb) or not torch.equal(a[~fa].nan_to_num(nan=0.0), b[~fb].nan_to_num(nan=0.0)):
+        return False  # non-finite entries must match exactly (NaN with NaN, inf with the same inf)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    a, b = torch.where(fa, a, zero), torch.where(fb, b, zero)
+    scale = max(float(a.abs().max()), 1e-30)
+    return float((a - b).abs().max()) <= _RTOL * scale
+
+
+def _copy_block(x: torch.Tensor, m: int) -> torch.Tensor:
+    x = x.clone()
+    x[:m] = x[m : 2 * m]
+    return x
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _same_output(a: Any, b: Any) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    return len(ta) == len(tb) and all(_close(x, y) for x, y in zip(ta, tb, strict=True))
+
+
+def _only_example_zero_moved(a: Any, b: Any, examples: int) -> bool:
+    """Whether the model output ``b`` equals ``a`` outside example 0's rows (every output must be per example)."""
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb) or not ta:
+        return False
+    for x, y in zip(ta, tb, strict=True):
+        if x.dim() == 0 or x.shape[0] % examples or x.shape != y.shape:
+            return False  # an output that is not per example (a loss over the batch): nothing to read per example
+        m = x.shape[0] // examples
+        if not _close(x[m:], y[m:]):
+            return False
+    return True
+
+
+@contextmanager
+def quiet_model(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no gradients, and the RNG states, training flags and buffers restored afterwards."""
+    training = {m: m.training for m in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)

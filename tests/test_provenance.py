@@ -1,0 +1,248 @@
+"""The batch contract: inputs without a batch dimension, the batch flattened into rows, and inputs that mix examples.
+
+Every case is either exact against the float64 per-example loop (tests/conftest.py::reference) or refused with an
+error naming the module, never silently wrong. The coincidence "a shared input has as many rows as the micro-batch"
+is part of every exactness test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import reference, row_loss
+from test_engine import BACKENDS, run_engine, split
+from torch import nn
+
+from fastdp.engine import GradSampleEngine
+from fastdp.engine.provenance import Batched, ProvenanceError, Shared
+
+
+class TinyGPT(nn.Module):
+    """nanoGPT's embedding: ``wte(idx) + wpe(torch.arange(t))``, the positions shared by every example."""
+
+    vocab, dim = 13, 6
+
+    def __init__(self, expand_positions: bool = False) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(self.vocab, self.dim)
+        self.wpe = nn.Embedding(16, self.dim)
+        self.ln = nn.LayerNorm(self.dim)
+        self.head = nn.Linear(self.dim, 3)
+        self.expand_positions = expand_positions
+
+    def forward(self, idx):
+        b, t = idx.shape
+        pos = torch.arange(t, device=idx.device)
+        if self.expand_positions:  # one copy of the positions per example: batched, every block the same
+            pos = pos.expand(b, t)
+        h = self.wte(idx) + self.wpe(pos)
+        return self.head(torch.tanh(self.ln(h))).mean(1)
+
+    @staticmethod
+    def inputs(n, t):
+        return torch.randint(0, TinyGPT.vocab, (n, t)), torch.randn(n, 3)
+
+
+class FlatTokens(nn.Module):
+    """(B, T, D) -> (B*T, D) before the only Linear: rows are tokens, T consecutive ones per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        return self.fc(x.reshape(b * t, d)).view(b, t, 3).square().mean(1)
+
+    @staticmethod
+    def inputs(n, t=5):
+        return torch.randn(n, t, 4), torch.randn(n, 3)
+
+
+def _exact(model, x, t, sizes, augmult=1, backend="torch", reduction="mean"):
+    """The engine over micro-batches of ``sizes`` rows against the float64 loop, about half of the examples clipped."""
+    _, ref_norms = reference(model, x, t, max_grad_norm=float("inf"), augmult=augmult)
+    C = ref_norms.median().item()
+    ref, _ = reference(model, x, t, max_grad_norm=C, augmult=augmult)
+    got, norms, _ = run_engine(
+        model, split(x, t, sizes), max_grad_norm=C, augmult=augmult, backend=backend, reduction=reduction
+    )
+    assert (ref_norms > C).any() and (ref_norms < C).any()
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=2e-5, atol=1e-7)
+    assert set(got) == set(ref)
+    for n in ref:
+        torch.testing.assert_close(got[n].double(), ref[n], rtol=2e-5, atol=2e-6 * len(ref_norms) * C)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("augmult", [1, 2])
+@pytest.mark.parametrize("seq", ["t == rows", "t != rows"])
+@pytest.mark.parametrize("expand_positions", [False, True])
+def test_positions_without_batch_dimension_are_exact(backend, augmult, seq, expand_positions):
+    torch.manual_seed(21 + augmult)
+    examples = 6
+    sizes = [4 * augmult, 1 * augmult, 1 * augmult]  # micro-batches of 4, 1 and 1 examples
+    # the first micro-batch has 4 * K rows: t == rows is the coincidence a shape check would take for a batch
+    t_len = 4 * augmult if seq == "t == rows" else 3
+    model = TinyGPT(expand_positions)
+    idx, target = TinyGPT.inputs(examples, t_len)
+    x, tgt = idx.repeat_interleave(augmult, 0), target.repeat_interleave(augmult, 0)
+    x[1::augmult] = (x[1::augmult] + 1) % TinyGPT.vocab if augmult > 1 else x[1::augmult]  # views differ
+    _exact(model, x, tgt, sizes, augmult=augmult, backend=backend)
+
+
+def test_probe_finds_shared_and_batched_calls():
+    torch.manual_seed(22)
+    model = TinyGPT()
+    eng = GradSampleEngine(model, max_grad_norm=1.0)
+    idx, t = TinyGPT.inputs(5, 5)
+    row_loss(model(idx), t).mean().backward()
+    (layout,) = eng.layouts.values()
+    assert layout[(model.wpe, 0)] == Shared()
+    assert layout[(model.wte, 0)] == Batched(1)
+    assert layout[(model.ln, 0)] == Batched(1) and layout[(model.head, 0)] == Batched(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("augmult", [1, 2])
+def test_tokens_flattened_into_rows_are_clipped_per_example(backend, augmult):
+    """Before: each token was clipped as an example. Now the Linear's B*T rows are T per example."""
+    torch.manual_seed(23)
+    model = FlatTokens()
+    x, t = FlatTokens.inputs(5 * augmult)
+    _exact(model, x, t, [3 * augmult, 2 * augmult], augmult=augmult, backend=backend)
+
+
+class MixesExamples(nn.Module):
+    """A functional batch norm between two Linears: fc2's input depends on every example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h - h.mean(0, keepdim=True))
+
+
+class TokenMajor(nn.Module):
+    """Tokens flattened time-major ((T, B) order): rows of one example are not consecutive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        return self.fc(x.transpose(0, 1).reshape(t * b, d)).view(t, b, 3).mean(0)
+
+
+class SharedSummed(nn.Module):
+    """A shared input whose output is reduced, not broadcast: one copy per example would change the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.proj = nn.Linear(3, 3)
+        self.register_buffer("anchors", torch.randn(5, 3))
+
+    def forward(self, x):
+        return self.fc(x) + self.proj(self.anchors).sum(0)
+
+
+class CopiesMixed(nn.Module):
+    """Per-example copies of one tensor whose output rows then reach every example (a sum over the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.proj = nn.Linear(3, 3)
+
+    def forward(self, x):
+        copies = torch.ones(x.shape[0], 3)
+        return self.fc(x) + self.proj(copies).cumsum(0)
+
+
+@pytest.mark.parametrize(
+    "model, inputs, match",
+    [
+        (MixesExamples, lambda: torch.randn(4, 4), r"fc2 \(Linear\) gets an input of shape \(4, 5\) whose rows cannot"),
+        (TokenMajor, lambda: torch.randn(4, 5, 4), r"fc \(Linear\) gets an input of shape \(20, 4\) whose rows cannot"),
+        (SharedSummed, lambda: torch.randn(4, 4), r"proj \(Linear\) get an input that does not come from the batch"),
+        (CopiesMixed, lambda: torch.randn(4, 4), r"proj \(Linear\) gets an input of shape \(4, 3\) with 4 identical"),
+    ],
+)
+def test_inputs_the_engine_cannot_attribute_are_refused_by_name(model, inputs, match):
+    torch.manual_seed(24)
+    m = model()
+    GradSampleEngine(m, max_grad_norm=1.0)
+    x = inputs()
+    with pytest.raises(ProvenanceError, match=match):
+        m(x)
+    # one example has every row to itself: exact whatever the provenance, nothing to refuse
+    m(x[:1]).square().sum().backward()
+
+
+def test_layer_called_outside_the_models_forward_is_refused():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    GradSampleEngine(model, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match=r"0 \(Linear\) was called with gradients enabled outside a forward"):
+        model[0](torch.randn(3, 4))
+    with torch.no_grad():
+        model[0](torch.randn(3, 4))  # no gradients: nothing to clip, nothing refused
+
+
+def test_one_backward_through_two_forwards_of_different_sizes_names_the_layer():
+    model = nn.Sequential(nn.Linear(4, 3))
+    GradSampleEngine(model, max_grad_norm=1.0)
+    loss = model(torch.randn(2, 4)).sum() + model(torch.randn(6, 4)).sum()
+    with pytest.raises(ValueError, match=r"micro-batches of (2 and 6|6 and 2) examples \(0 was in the second\)"):
+        loss.backward()
+
+
+def test_probe_leaves_rng_training_flags_and_buffers_as_they_were():
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.drop = nn.Dropout(0.5)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            if not self.training:
+                self.calls += 1  # a buffer the probe forwards (eval mode) touch: restored afterwards
+            return self.drop(self.fc(x))
+
+    torch.manual_seed(25)
+    model = Noisy()
+    GradSampleEngine(model, max_grad_norm=1.0, autotune=False)  # (autotuning draws random output gradients)
+    plain = Noisy()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(5, 4)
+    state = torch.get_rng_state()
+    out = model(x)  # probes, then runs
+    assert model.training and model.calls.item() == 0
+    torch.set_rng_state(state)
+    torch.testing.assert_close(out, plain(x))  # the same dropout mask: the probe consumed no randomness
+
+
+def test_probe_cost_is_a_few_forwards_once_per_input_shape():
+    """The probe runs once per input signature (not per batch size): count the wrapped forwards."""
+    torch.manual_seed(26)
+    model = TinyGPT()
+    eng = GradSampleEngine(model, max_grad_norm=1.0)
+    calls = []
+    original = eng._probe
+
+    def counting(*a):
+        calls.append(1)
+        return original(*a)
+
+    eng._probe = counting
+    for n in (5, 3, 7, 2, 1):
+        idx, t = TinyGPT.inputs(n, 4)
+        row_loss(model(idx), t).mean().backward()
+    assert len(calls) == 1 and len(eng.layouts) == 1
+    idx, t = TinyGPT.inputs(3, 6)  # another sequence length: another signature
+    row_loss(model(idx), t).mean().backward()
+    assert len(calls) == 2
