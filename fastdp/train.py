@@ -37,6 +37,11 @@ from fastdp.report import MetricsLog, plot_curves, write_summary
 
 #: config fields a resumed run may change (where and how it runs, not what it computes)
 _RESUMABLE_CHANGES = ("device", "threads", "stop_at_step", "checkpoint_every", "eval_every", "dist_timeout")
+#: what fastdp-train puts into last.pt (and reads back on --resume)
+_CHECKPOINT_KEYS = (
+    "version", "preset", "config", "step", "seconds", "model", "optimizer", "scheduler", "ema", "sampler",
+    "augment_rng", "torch_rng", "records",
+)  # fmt: skip
 _DOC_FIELDS = ("target", "h100_hours", "notes")
 
 
@@ -415,7 +420,14 @@ def _config(args: argparse.Namespace) -> tuple[str, TrainConfig, dict | None]:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if args.resume:
         path = Path(args.resume)
-        state = load_checkpoint(path / "last.pt" if path.is_dir() else path)
+        path = path / "last.pt" if path.is_dir() else path
+        state = load_checkpoint(path)
+        missing = [k for k in _CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(_CHECKPOINT_KEYS)
+        if missing:
+            raise UsageError(
+                f"{path} is not a fastdp-train checkpoint (it has no {', '.join(missing)}); pass the last.pt (or the "
+                "--out-dir) of a fastdp-train run"
+            )
         changed = sorted(k for k in given if k not in _RESUMABLE_CHANGES and given[k] != state["config"].get(k))
         if changed:
             raise UsageError(
@@ -444,7 +456,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     except (UsageError, ValueError, FileNotFoundError, KeyError) as e:
         if os.environ.get("FASTDP_DEBUG"):
             raise
-        # FileNotFoundError covers fastdp.data.DatasetNotFound: its message says what is missing and where it goes
+        # FileNotFoundError covers fastdp.data.DatasetNotFound: its message says what is missing and where it goes;
+        # ValueError covers fastdp.checkpoint.CheckpointError (a checkpoint refused unread)
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         sys.exit(f"fastdp-train: {message}")
 

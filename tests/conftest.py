@@ -1,8 +1,9 @@
-"""Shared oracles: a float64 per-example loop, independent of fastdp's engine."""
+"""Shared oracles: a float64 per-example loop, independent of fastdp's engine; a checkpoint with a pickle payload."""
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -55,3 +56,21 @@ def reference(
 def _threads():
     torch.set_num_threads(2)
     yield
+
+
+class Payload:
+    """Unpickles by running code (here: creating the file ``marker``), as a malicious checkpoint would."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def write_payload(path, marker) -> None:
+    """A checkpoint-shaped file whose records hold a :class:`Payload`; checks that plain unpickling runs it."""
+    torch.save({"version": 1, "step": 3, "model": {"w": torch.zeros(2)}, "records": [Payload(marker)]}, path)
+    torch.load(path, weights_only=False)  # the payload is live: loading the file the old way runs it
+    assert os.path.exists(marker)
+    os.remove(marker)

@@ -1,14 +1,17 @@
-"""fastdp-train: the main job, its outputs, exact resume, the epsilon stop and one-line errors."""
+"""fastdp-train: the main job, its outputs, exact resume, the epsilon stop, refused checkpoints and one-line errors."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import write_payload
 
 from fastdp.accounting import compute_epsilon
-from fastdp.checkpoint import load_checkpoint
+from fastdp.checkpoint import load_checkpoint, save_checkpoint
 from fastdp.presets import PRESETS
 from fastdp.train import main
 
@@ -135,3 +138,35 @@ def test_backend_is_a_run_option(tmp_path):
     with pytest.raises(SystemExit) as e:  # the backend decides the noise stream and the plan: it stays on resume
         main(["--resume", str(tmp_path), "--backend", "cpp", *QUICK])
     assert "cannot change backend" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- refused checkpoints
+@pytest.mark.parametrize("extra", [["--optimizer", "adam", "--amp", "bf16", "--clipping", "automatic"]])
+def test_checkpoints_load_weights_only(tmp_path, extra):
+    # the resume tests cover SGD with momentum, EMA, a cosine schedule and the sampler; this adds Adam's step tensors
+    main(["--steps", "2", "--no-autotune", "--out-dir", str(tmp_path), *extra, *QUICK])
+    state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 2 and state["optimizer"]["optimizer"]["state"]
+
+
+def test_resume_of_a_checkpoint_with_a_pickle_payload_is_refused_and_runs_nothing(tmp_path):
+    ckpt, marker = tmp_path / "last.pt", tmp_path / "pwned"
+    write_payload(ckpt, marker)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastdp.train", "--resume", str(ckpt), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"fastdp-train: {ckpt} is not a fastdp checkpoint, or it was tampered"
+    )
+    assert not marker.exists()
+
+
+def test_resume_of_another_programs_checkpoint_is_a_one_line_error(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", {"state_dict": {"w": torch.zeros(2)}, "epoch": 3})
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", str(tmp_path), *QUICK])
+    assert str(e.value).startswith(f"fastdp-train: {tmp_path / 'last.pt'} is not a fastdp-train checkpoint (it has no")
