@@ -61,6 +61,18 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end only)
     dist_timeout: float = 1800.0  # seconds a collective waits for a failed or stalled rank (torchrun jobs)
     stop_at_step: int | None = None  # end this invocation after that step (resume later with --resume)
+    # what the run files publish: by default only what epsilon covers or what is public
+    log_private_stats: bool = field(
+        default=False,
+        metadata={
+            "help": "also log, per step, the realised Poisson batch size and the training loss and accuracy of the "
+            "private batch (metrics.jsonl, progress bar), and the count of examples with a non-finite gradient "
+            "(summary.json). These are computed from the private batch without noise: epsilon does NOT cover "
+            "them, and anyone who reads them learns about the training data (which examples a step drew, how "
+            "well the model fits them). Off, they are not computed at all (no host sync per micro-batch). "
+            "Kept on --resume (default: off)"
+        },
+    )
     out_dir: str | None = None  # default runs/<preset>-<time>
     # documentation
     target: str = ""

@@ -1,7 +1,9 @@
 """What a training run leaves behind: metrics as JSON lines, a final JSON summary, a PNG of accuracy and epsilon.
 
-All files are written by rank 0 only in a distributed run (the caller decides). The plot is drawn with
-matplotlib's non-interactive Agg backend, so it works without a display.
+All files are written by rank 0 only in a distributed run (the caller decides). They are created readable by
+their owner only (0600, in a directory created 0700), like the checkpoint next to them: what a run logs describes
+its private training data. The plot is drawn with matplotlib's non-interactive Agg backend, so it works without
+a display.
 """
 
 from __future__ import annotations
@@ -10,7 +12,23 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+
+def _private_open(path: str | os.PathLike, mode: str = "w") -> IO:
+    """``open(path, mode)`` for writing, the file created (or reset to) 0600 and its directory created 0700."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode.startswith("a") else os.O_TRUNC)
+    flags |= getattr(os, "O_BINARY", 0) if "b" in mode else 0  # Windows translates newlines otherwise
+    fd = os.open(path, flags, 0o600)
+    try:
+        if hasattr(os, "fchmod"):  # POSIX: a file that already existed keeps its mode through os.open
+            os.fchmod(fd, 0o600)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class MetricsLog:
@@ -26,8 +44,7 @@ class MetricsLog:
             return
         # a resumed run rewrites the file from the checkpoint's records: lines written after that checkpoint
         # by the interrupted run are dropped, so the file describes the run that produced the parameters
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w") as f:
+        with _private_open(self.path, "w") as f:
             for r in self.records:
                 f.write(json.dumps(r) + "\n")
 
@@ -35,13 +52,14 @@ class MetricsLog:
         self.records.append(record)
         if not self.writes:
             return
-        with open(self.path, "a") as f:
+        with _private_open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
 def write_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    with _private_open(path, "w") as f:
+        f.write(json.dumps(summary, indent=2) + "\n")
     return path
 
 
@@ -72,6 +90,7 @@ def plot_curves(path: str | os.PathLike, records: list[dict[str, Any]], title: s
     ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    with _private_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
     return path

@@ -4,7 +4,11 @@
 ``fastdp-train --preset cifar10-wrn16-4-eps8`` and the other presets (``--list-presets``) follow the published
 recipes on local copies of the datasets; every field of a preset can be overridden (``--lr 2``). The run writes
 ``metrics.jsonl``, ``summary.json``, ``curves.png`` and ``last.pt`` (a checkpoint ``--resume`` continues from,
-bit-for-bit as if never interrupted) into its ``--out-dir``.
+bit-for-bit as if never interrupted) into its ``--out-dir``, all readable by their owner only.
+
+By default the run files hold only what the DP guarantee covers or what is public: the step, the learning rate,
+epsilon, accuracy on the held-out split and timings. Statistics of the private batches (their realised size, loss
+and accuracy, non-finite gradients) are computed and logged only with ``--log-private-stats``.
 """
 
 from __future__ import annotations
@@ -217,6 +221,8 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
     aug_gen.manual_seed(seeds["augment"])
 
     out_dir = Path(cfg.out_dir)
+    if main_rank:  # private like the checkpoint it will hold (an existing directory keeps its mode)
+        out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     step, elapsed, records = 0, 0.0, []
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -282,8 +288,10 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
         # draw only a batch that will be used: the sampler's state in a checkpoint is then exactly where the next
         # step of an uninterrupted run draws from
         idx = next(batches)
-        loss_sum, correct, rows = 0.0, 0, 0
         idx = torch.as_tensor(idx, dtype=torch.long)
+        # the private statistics stay on the device until the end of the step: one host read, not one per chunk
+        stats = torch.zeros(2, device=device) if cfg.log_private_stats else None  # loss sum, correct
+        rows = 0
         # an empty Poisson batch has no forward or backward: its step is noise only (idx.split would yield one
         # empty chunk)
         for chunk in idx.split(per_chunk) if len(idx) else ():
@@ -295,24 +303,21 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
             loss.backward()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
             rows += len(y)
+            if stats is not None:
+                stats += torch.stack((loss.detach() * len(y), (logits.argmax(1) == y).sum().to(stats.dtype)))
         opt.step()
         sched.step()
         opt.zero_grad()
         if ema is not None:
             ema.update(model)
         step += 1
-        batch, loss_sum, correct, rows = sum_floats([len(idx), loss_sum, correct, rows])
-        rec = {
-            "step": step,
-            "batch": int(batch),
-            "lr": sched.get_last_lr()[0],
-            "seconds": round(elapsed + time.perf_counter() - start, 2),
-        }
-        if rows:
-            rec.update(loss=loss_sum / rows, train_accuracy=correct / rows)
+        rec = {"step": step, "lr": sched.get_last_lr()[0], "seconds": round(elapsed + time.perf_counter() - start, 2)}
+        if stats is not None:  # added over the ranks in one all-reduce
+            batch, rows, loss_sum, correct = sum_floats([len(idx), rows, *stats.tolist()])
+            rec["batch"] = int(batch)
+            if rows:
+                rec.update(loss=loss_sum / rows, train_accuracy=correct / rows)
         if step % eval_every == 0 or step == steps:
             rec.update(evaluation())
         log.write(rec)
@@ -340,10 +345,12 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
         "test_accuracy": final["test_accuracy"], "ema_test_accuracy": final.get("ema_test_accuracy"),
         "epsilon": final["epsilon"], "delta": cfg.delta, "target_epsilon": cfg.epsilon,
         "noise_multiplier": opt.noise_multiplier, "accountant": cfg.accountant,
-        "nonfinite_examples": opt.nonfinite_examples, "seconds": round(elapsed + time.perf_counter() - start, 1),
+        "seconds": round(elapsed + time.perf_counter() - start, 1),
         "target": cfg.target, "checkpoint": str(ckpt), "metrics": str(log.path),
         "plot": str(plot_curves(out_dir / "curves.png", log.records, f"fastdp-train {preset}")),
     }  # fmt: skip
+    if cfg.log_private_stats:  # under torchrun: rank 0's examples only
+        summary["nonfinite_examples"] = opt.nonfinite_examples
     write_summary(out_dir / "summary.json", summary)
     print(json.dumps(summary), flush=True)
     if not summary["finished"]:
@@ -353,7 +360,8 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
 
 
 class _progress:
-    """tqdm bar with loss, accuracy and epsilon (a no-op when disabled or tqdm is missing)."""
+    """tqdm bar with epsilon and test accuracy, and the private batches' loss and accuracy if they are logged (a
+    no-op when disabled or tqdm is missing)."""
 
     def __init__(self, enabled: bool, initial: int, total: int) -> None:
         self.bar = None
@@ -403,15 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in _DOC_FIELDS:
             continue
         flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help")
         # SUPPRESS: a field not given is absent from the namespace, so "--checkpoint none" can still set None
         if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             p.add_argument(
                 flag,
                 default=argparse.SUPPRESS,
                 metavar=f.type.split(" ")[0].upper(),
                 type=lambda s, t=f.type: _parse_value(s, t),
+                help=help_text,
             )
     return p
 

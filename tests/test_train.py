@@ -1,8 +1,10 @@
-"""fastdp-train: the main job, its outputs, exact resume, the epsilon stop, refused checkpoints and one-line errors."""
+"""fastdp-train: the main job, its outputs (what they publish, who can read them), exact resume, the epsilon stop,
+refused checkpoints and one-line errors."""
 
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
 
@@ -13,9 +15,22 @@ from conftest import write_payload
 from fastdp.accounting import compute_epsilon
 from fastdp.checkpoint import load_checkpoint, save_checkpoint
 from fastdp.presets import PRESETS
-from fastdp.train import main
+from fastdp.train import build_parser, main
 
 QUICK = ["--no-progress", "--threads", "2"]
+#: what metrics.jsonl may hold by default: covered by epsilon (computed from the released parameters) or public
+PUBLIC_FIELDS = {"step", "lr", "seconds", "epsilon", "test_accuracy", "ema_test_accuracy"}
+#: functions of the private batch without noise, logged only with --log-private-stats
+PRIVATE_FIELDS = {"batch", "loss", "train_accuracy"}
+RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "last.pt")
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 def test_short_run_learns_within_the_privacy_target(tmp_path):
@@ -42,6 +57,7 @@ def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path):
         "--steps", "6", "--batch-size", "64", "--augmult", "2", "--crop-padding", "1", "--ema-decay", "0.9",
         "--momentum", "0.5", "--lr-schedule", "cosine", "--max-physical-batch", "48", "--checkpoint-every", "2",
         "--noise-multiplier", "1.0", "--epsilon", "50", "--accountant", "rdp", "--eval-every", "3",
+        "--log-private-stats",  # kept on resume: the resumed records have them too
         "--no-autotune",  # timed plans can differ between the two processes; their rounding would differ too
         "--secret-seed", "3",  # both runs draw the same samples and noise (by default each draws its own secret)
         *QUICK,
@@ -124,7 +140,7 @@ def test_empty_poisson_batches_are_noise_only_steps(tmp_path):
     # still step (and be accounted). A fixed secret seed makes the draw deterministic: with a fresh one, 6 steps had
     # no empty batch with probability 0.63^6 = 6% (seen once in CI); this seed's 6 steps have both kinds.
     summary = main(["--steps", "6", "--batch-size", "1", "--noise-multiplier", "1", "--epsilon", "50", "--out-dir",
-                    str(tmp_path), "--secret-seed", "1", *QUICK])  # fmt: skip
+                    str(tmp_path), "--secret-seed", "1", "--log-private-stats", *QUICK])  # fmt: skip
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert summary["finished"] and summary["step"] == 6
     assert any(r["batch"] == 0 for r in records) and any(r["batch"] > 0 for r in records)
@@ -138,6 +154,48 @@ def test_backend_is_a_run_option(tmp_path):
     with pytest.raises(SystemExit) as e:  # the backend decides the noise stream and the plan: it stays on resume
         main(["--resume", str(tmp_path), "--backend", "cpp", *QUICK])
     assert "cannot change backend" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- what the files publish
+def test_run_files_publish_only_what_epsilon_covers_and_only_to_their_owner(tmp_path, capsys):
+    run_dir = tmp_path / "run"  # created by the run
+    # with the progress bar (no --no-progress)
+    summary = main(
+        ["--steps", "4", "--eval-every", "2", "--ema-decay", "0.9", "--out-dir", str(run_dir), "--threads", "2"]
+    )
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert {"step", "lr", "seconds"} <= set(r) <= PUBLIC_FIELDS, r
+    assert "nonfinite_examples" not in summary
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    bar = capsys.readouterr().err
+    assert "eps=" in bar and "loss=" not in bar and "acc=" not in bar
+    # private like the checkpoint (mkstemp: 0600), in a directory only its owner can list
+    assert _mode(run_dir) == 0o700
+    for name in RUN_FILES:
+        assert _mode(run_dir / name) == 0o600, name
+
+
+def test_log_private_stats_logs_the_batch_statistics_and_is_kept_on_resume(tmp_path, capsys):
+    args = ["--steps", "4", "--noise-multiplier", "1", "--epsilon", "50", "--no-autotune", "--threads", "2"]
+    main([*args, "--log-private-stats", "--stop-at-step", "2", "--out-dir", str(tmp_path)])
+    (tmp_path / "metrics.jsonl").chmod(0o644)  # as an older fastdp left it: the resumed run makes it private
+    summary = main(["--resume", str(tmp_path), "--threads", "2"])  # the flag is not given again
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:  # expected batch 256 of 1437: never empty
+        assert PRIVATE_FIELDS <= set(r), r
+        assert r["batch"] > 0 and r["loss"] > 0 and 0 <= r["train_accuracy"] <= 1
+    assert summary["nonfinite_examples"] == 0
+    assert "loss=" in capsys.readouterr().err
+    for name in RUN_FILES:
+        assert _mode(tmp_path / name) == 0o600, name
+
+
+def test_the_new_options_say_what_they_do_and_their_default():
+    text = " ".join(build_parser().format_help().split())
+    assert "--log-private-stats" in text and "epsilon does NOT cover them" in text and "(default: off)" in text
 
 
 # ---------------------------------------------------------------------------------------------- refused checkpoints

@@ -20,6 +20,7 @@ ARGS = [
     "--secret-seed", "3",
     "--noise-multiplier", "1.0", "--epsilon", "50", "--accountant", "rdp", "--eval-every", "2", "--no-progress",
     "--threads", "1", "--checkpoint-every", "1", "--dist-timeout", "60",
+    "--log-private-stats",  # its statistics are added over the ranks (one all-reduce per step)
 ]  # fmt: skip
 
 
