@@ -61,6 +61,16 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end only)
     dist_timeout: float = 1800.0  # seconds a collective waits for a failed or stalled rank (torchrun jobs)
     stop_at_step: int | None = None  # end this invocation after that step (resume later with --resume)
+    # stop after this many steps in a row in which every example's gradient was non-finite (noise-only steps)
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": "stop the run (exit status 1, checkpoint written, resumable) after this many steps in a row in "
+            "which every example of the logical batch had a non-finite gradient: such a step is noise only and "
+            "spends privacy without learning (a diverged model, NaN data, a bf16 overflow); 0 never stops "
+            "(default: 10)"
+        },
+    )
     # what the run files publish: by default only what epsilon covers or what is public
     log_private_stats: bool = field(
         default=False,

@@ -40,7 +40,9 @@ from fastdp.presets import PRESETS, TrainConfig, get_preset
 from fastdp.report import MetricsLog, plot_curves, write_summary
 
 #: config fields a resumed run may change (where and how it runs, not what it computes)
-_RESUMABLE_CHANGES = ("device", "threads", "stop_at_step", "checkpoint_every", "eval_every", "dist_timeout")
+_RESUMABLE_CHANGES = (
+    "device", "threads", "stop_at_step", "checkpoint_every", "eval_every", "dist_timeout", "max_nonfinite_steps",
+)  # fmt: skip
 #: what fastdp-train puts into last.pt (and reads back on --resume)
 _CHECKPOINT_KEYS = (
     "version", "preset", "config", "step", "seconds", "model", "optimizer", "scheduler", "ema", "sampler",
@@ -51,6 +53,14 @@ _DOC_FIELDS = ("target", "h100_hours", "notes")
 
 class UsageError(Exception):
     """Bad input: reported as one line, without a traceback."""
+
+
+class NonFiniteStop(Exception):
+    """The run stopped after --max-nonfinite-steps noise-only steps in a row (checkpoint and summary written).
+
+    The message (empty on ranks other than 0, which print nothing) says why and how to resume; fastdp-train reports
+    it as one line with exit status 1.
+    """
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -132,6 +142,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.lr_schedule in ("constant", "cosine"), f"--lr-schedule: constant or cosine, not {cfg.lr_schedule!r}"),
         (cfg.amp in ("none", "bf16"), f"--amp must be none or bf16, got {cfg.amp!r}"),
         (cfg.ema_decay is None or 0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}"),
+        (cfg.max_nonfinite_steps >= 0, f"--max-nonfinite-steps must be >= 0 (0: never), got {cfg.max_nonfinite_steps}"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -224,6 +235,7 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
     if main_rank:  # private like the checkpoint it will hold (an existing directory keeps its mode)
         out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     step, elapsed, records = 0, 0.0, []
+    nonfinite_streak = 0  # steps in a row in which every example's gradient was non-finite
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
@@ -239,6 +251,7 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
         aug_gen.set_state(resume["augment_rng"][rank])
         torch.set_rng_state(resume["torch_rng"][rank])
         step, elapsed, records = resume["step"], resume["seconds"], resume["records"]
+        nonfinite_streak = int(resume.get("nonfinite_streak", 0))
     # only rank 0 writes files and prints
     log = MetricsLog(out_dir / "metrics.jsonl", records, write=main_rank)
     say = print if main_rank else (lambda *a, **k: None)
@@ -253,6 +266,7 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "ema": None if ema is None else ema.state_dict(), "sampler": sampler.state_dict(),
                 "augment_rng": [a for a, _ in rngs], "torch_rng": [t for _, t in rngs], "records": log.records,
+                "nonfinite_streak": nonfinite_streak,
             })  # fmt: skip
         return path
 
@@ -313,8 +327,17 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
             ema.update(model)
         step += 1
         rec = {"step": step, "lr": sched.get_last_lr()[0], "seconds": round(elapsed + time.perf_counter() - start, 2)}
-        if stats is not None:  # added over the ranks in one all-reduce
-            batch, rows, loss_sum, correct = sum_floats([len(idx), rows, *stats.tolist()])
+        # the counts the step needs on the host, added over the ranks in one all-reduce (none when nothing is needed)
+        counts = [opt.nonfinite_last_batch, opt.examples_last_batch] if cfg.max_nonfinite_steps else []
+        if stats is not None:
+            counts += [len(idx), rows, *stats.tolist()]
+        counts = sum_floats(counts) if counts else []
+        if cfg.max_nonfinite_steps:
+            (nonfinite, examples), counts = counts[:2], counts[2:]
+            if examples:  # an empty batch says nothing either way
+                nonfinite_streak = nonfinite_streak + 1 if nonfinite == examples else 0
+        if stats is not None:
+            batch, rows, loss_sum, correct = counts
             rec["batch"] = int(batch)
             if rows:
                 rec.update(loss=loss_sum / rows, train_accuracy=correct / rows)
@@ -322,6 +345,8 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
             rec.update(evaluation())
         log.write(rec)
         bar.update(rec)
+        if cfg.max_nonfinite_steps and nonfinite_streak >= cfg.max_nonfinite_steps:
+            break  # every rank: the counts were added up over them
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < last:
             checkpoint()
     bar.close()
@@ -330,7 +355,10 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
         # leave together: a rank tearing down gloo while its peer is still sending aborts the peer's process
         dist.barrier()
         dist.destroy_process_group()
+    nonfinite_stop = bool(cfg.max_nonfinite_steps) and nonfinite_streak >= cfg.max_nonfinite_steps and step < last
     if not main_rank:
+        if nonfinite_stop:
+            raise NonFiniteStop()
         return None
 
     final = log.records[-1] if log.records else {"step": 0}
@@ -353,10 +381,23 @@ def run(cfg: TrainConfig, preset: str = "custom", resume: dict | None = None, pr
         summary["nonfinite_examples"] = opt.nonfinite_examples
     write_summary(out_dir / "summary.json", summary)
     print(json.dumps(summary), flush=True)
+    if nonfinite_stop:
+        print(f"fastdp-train: plot {summary['plot']}", flush=True)
+        raise NonFiniteStop(_nonfinite_message(step, nonfinite_streak, ckpt))
     if not summary["finished"]:
         print(f"fastdp-train: stopped at step {step} of {steps}; continue with: fastdp-train --resume {ckpt}")
     print(f"fastdp-train: plot {summary['plot']}", flush=True)
     return summary
+
+
+def _nonfinite_message(step: int, streak: int, ckpt: Path) -> str:
+    return (
+        f"stopped at step {step}: every example of the last {streak} logical batches had a non-finite gradient "
+        "(NaN/inf), so those steps were noise only and spent privacy without learning. Likely causes: the training "
+        "diverged (start a new run with a lower --lr; a resumed run keeps its --lr), NaN/inf in the data, or an "
+        f"overflow under --amp bf16. The checkpoint is {ckpt}; to continue anyway: fastdp-train --resume {ckpt} "
+        "--max-nonfinite-steps 0 (0: never stop; N: allow N such steps in a row)"
+    )
 
 
 class _progress:
@@ -463,6 +504,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         preset, cfg, state = _config(args)
         return run(cfg, preset, resume=state, progress=not args.no_progress)
+    except NonFiniteStop as e:
+        sys.exit(f"fastdp-train: {e}" if str(e) else 1)
     except (UsageError, ValueError, FileNotFoundError, KeyError) as e:
         if os.environ.get("FASTDP_DEBUG"):
             raise

@@ -1,5 +1,5 @@
 """fastdp-train: the main job, its outputs (what they publish, who can read them), exact resume, the epsilon stop,
-refused checkpoints and one-line errors."""
+the stop on non-finite gradients, refused checkpoints and one-line errors."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import write_payload
 
+import fastdp.train
 from fastdp.accounting import compute_epsilon
 from fastdp.checkpoint import load_checkpoint, save_checkpoint
 from fastdp.presets import PRESETS
@@ -100,6 +101,7 @@ def test_training_stops_before_it_would_exceed_the_target_epsilon(tmp_path, caps
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--augmult", "0"], "--"),
         (["--resume", "/nonexistent/run"], "no checkpoint"),
         (["--backend", "cuda"] if not torch.cuda.is_available() else ["--backend", "gpu"], "backend"),
+        (["--max-nonfinite-steps", "-1"], "--max-nonfinite-steps must be >= 0"),
     ],
 )
 def test_bad_input_is_a_one_line_error(args, words, tmp_path):
@@ -196,6 +198,7 @@ def test_log_private_stats_logs_the_batch_statistics_and_is_kept_on_resume(tmp_p
 def test_the_new_options_say_what_they_do_and_their_default():
     text = " ".join(build_parser().format_help().split())
     assert "--log-private-stats" in text and "epsilon does NOT cover them" in text and "(default: off)" in text
+    assert "--max-nonfinite-steps" in text and "0 never stops (default: 10)" in text
 
 
 # ---------------------------------------------------------------------------------------------- refused checkpoints
@@ -228,3 +231,58 @@ def test_resume_of_another_programs_checkpoint_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--resume", str(tmp_path), *QUICK])
     assert str(e.value).startswith(f"fastdp-train: {tmp_path / 'last.pt'} is not a fastdp-train checkpoint (it has no")
+
+
+# ---------------------------------------------------------------------------------------------- non-finite gradients
+def _poison_training_rows(monkeypatch, rows: slice) -> None:
+    """Make ``rows`` of every training chunk NaN after normalisation (evaluation runs under no_grad and stays clean)."""
+    real = fastdp.train.normalize
+
+    def normalize(x, mean, std):
+        out = real(x, mean, std)
+        if torch.is_grad_enabled():
+            out[rows] = float("nan")
+        return out
+
+    monkeypatch.setattr(fastdp.train, "normalize", normalize)
+
+
+NONFINITE = ["--noise-multiplier", "1", "--epsilon", "50", "--no-autotune", "--secret-seed", "5", *QUICK]
+
+
+@pytest.mark.filterwarnings("ignore:fastdp. step .* non-finite gradient")
+def test_a_run_of_noise_only_steps_stops_with_a_checkpoint_and_resumes(tmp_path, monkeypatch):
+    _poison_training_rows(monkeypatch, slice(None))  # every example, every step
+    args = ["--steps", "10", "--max-nonfinite-steps", "3", "--out-dir", str(tmp_path), *NONFINITE]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    ckpt = tmp_path / "last.pt"
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("fastdp-train: stopped at step 3: every example of the last 3 logical batches had a ")
+    assert f"fastdp-train --resume {ckpt} --max-nonfinite-steps 0" in message
+    assert load_checkpoint(ckpt)["step"] == 3  # nothing lost
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert not summary["finished"] and summary["step"] == 3
+    # the streak is in the checkpoint: 2 more such steps reach 5 in a row, as without the interruption
+    with pytest.raises(SystemExit, match="stopped at step 5: every example of the last 5"):
+        main(["--resume", str(tmp_path), "--max-nonfinite-steps", "5", *QUICK])
+    summary = main(["--resume", str(tmp_path), "--max-nonfinite-steps", "0", *QUICK])  # 0: never stop
+    assert summary["finished"] and summary["step"] == 10
+
+
+@pytest.mark.filterwarnings("ignore:fastdp. step .* non-finite gradient")
+def test_a_diverging_run_stops(tmp_path):
+    # lr 1e30: after one step the logits overflow, every gradient is NaN and every following step is noise only
+    with pytest.raises(SystemExit) as e:
+        main(["--steps", "20", "--lr", "1e30", "--max-nonfinite-steps", "2", "--out-dir", str(tmp_path), *NONFINITE])
+    step = load_checkpoint(tmp_path / "last.pt")["step"]
+    assert step < 20 and str(e.value).startswith(f"fastdp-train: stopped at step {step}: every example of the last 2")
+
+
+@pytest.mark.filterwarnings("ignore:fastdp. step .* non-finite gradient")
+def test_a_batch_with_some_finite_gradients_is_not_a_noise_only_step(tmp_path, monkeypatch):
+    _poison_training_rows(monkeypatch, slice(0, 1))  # one example per chunk
+    summary = main(["--steps", "3", "--max-nonfinite-steps", "1", "--log-private-stats", "--out-dir", str(tmp_path),
+                    *NONFINITE])  # fmt: skip
+    assert summary["finished"] and summary["nonfinite_examples"] >= 3
