@@ -78,9 +78,9 @@ class TrainConfig:
             "help": "also log, per step, the realised Poisson batch size and the training loss and accuracy of the "
             "private batch (metrics.jsonl, progress bar), and the count of examples with a non-finite gradient "
             "(summary.json). These are computed from the private batch without noise: epsilon does NOT cover "
-            "them, and anyone who reads them learns about the training data (which examples a step drew, how "
-            "well the model fits them). Off, they are not computed at all (no host sync per micro-batch). "
-            "Kept on --resume (default: off)"
+            "them, and anyone who reads them learns about the training data (the batch size changes by one with "
+            "each example drawn; the loss and accuracy are exact statistics of the examples drawn). Off, they are "
+            "not computed at all (no host sync per micro-batch). Kept on --resume (default: off)"
         },
     )
     out_dir: str | None = None  # default runs/<preset>-<time>

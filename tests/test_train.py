@@ -162,9 +162,8 @@ def test_backend_is_a_run_option(tmp_path):
 def test_run_files_publish_only_what_epsilon_covers_and_only_to_their_owner(tmp_path, capsys):
     run_dir = tmp_path / "run"  # created by the run
     # with the progress bar (no --no-progress)
-    summary = main(
-        ["--steps", "4", "--eval-every", "2", "--ema-decay", "0.9", "--out-dir", str(run_dir), "--threads", "2"]
-    )
+    args = ["--steps", "4", "--eval-every", "2", "--ema-decay", "0.9", "--no-autotune", "--threads", "2"]
+    summary = main([*args, "--out-dir", str(run_dir)])
     records = _records(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
