@@ -74,8 +74,8 @@ class OneStepConfig:
     """The one-step scenarios (``micro_batches`` > 1: the rows split over that many backward calls)."""
 
     #: canaries = coordinates, and the zero population (B = population + canaries). Small on purpose: a step's
-    #: tensors stay under 128 KB, which keeps them off fresh mmap'd pages (slow on some sandboxed machines);
-    #: the samples come from many cheap steps instead
+    #: tensors stay under 128 KB, below glibc's mmap threshold; larger ones are mapped fresh from the OS on every
+    #: op, which costs milliseconds per op on some sandboxed machines. The samples come from many cheap steps.
     canaries: int = 128
     population: int = 32
     #: steps per world; each gives ``canaries`` scores
