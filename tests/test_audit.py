@@ -120,7 +120,9 @@ def inject_repeating_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ---------------------------------------------------------------------------------------------- the audit
 def test_correct_build_passes():
+    rng_state = torch.get_rng_state()
     result = fastdp.audit.run(quick=True, seed=SEED)
+    assert torch.equal(torch.get_rng_state(), rng_state), "the audit left the caller's torch RNG as it was"
     print(result.table())
     assert [(r.scenario, r.backend) for r in result.rows] == [
         (s, b) for s in fastdp.audit.SCENARIOS for b in BACKENDS

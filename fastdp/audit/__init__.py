@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from fastdp.audit.checks import Row, check, format_table
 from fastdp.audit.scenarios import OneStepConfig, PoissonConfig, one_step, poisson
@@ -134,19 +135,20 @@ def run(
     configs = _QUICK if quick else _THOROUGH
     start = time.perf_counter()
     rows = []
-    for scenario in chosen:
-        for backend in names:
-            t0 = time.perf_counter()
-            # a generator per (scenario, backend): a row does not depend on which other rows ran
-            rng = np.random.default_rng([seed, SCENARIOS.index(scenario), KNOWN.index(backend)])
-            cfg = configs[scenario]
-            if scenario == "poisson":
-                samples = poisson(backend, cfg, rng, delta)
-            else:
-                samples = one_step(backend, cfg, rng, delta)
-            row = check(scenario, backend, samples, alpha, delta, white_box=scenario != "poisson")
-            row = replace(row, seconds=time.perf_counter() - t0)
-            rows.append(row)
-            if progress is not None:
-                progress(row)
+    # the caller's torch RNG is left as it was (the plan's autotuning draws from it)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        for scenario in chosen:
+            for backend in names:
+                t0 = time.perf_counter()
+                # a generator per (scenario, backend): a row does not depend on which other rows ran
+                rng = np.random.default_rng([seed, SCENARIOS.index(scenario), KNOWN.index(backend)])
+                cfg = configs[scenario]
+                if scenario == "poisson":
+                    samples = poisson(backend, cfg, rng, delta)
+                else:
+                    samples = one_step(backend, cfg, rng, delta)
+                row = check(scenario, backend, samples, alpha, delta, white_box=scenario != "poisson")
+                rows.append(replace(row, seconds=time.perf_counter() - t0))
+                if progress is not None:
+                    progress(rows[-1])
     return AuditResult(rows, alpha, delta, seed, quick, time.perf_counter() - start)

@@ -1,11 +1,14 @@
-"""``python -m fastdp.audit [--quick]``: audit the installed DP mechanism, print one table, exit 1 on a failure."""
+"""``python -m fastdp.audit [--quick]``: audit the installed DP mechanism, print one table, exit 1 on a failure.
+
+The table goes to stdout; one progress line per finished row goes to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from fastdp.audit import SCENARIOS, run
+from fastdp.audit import SCENARIOS, Row, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report_progress(row: Row) -> None:
+    print(f"{row.scenario}/{row.backend}: {row.verdict} ({row.seconds:.1f} s)", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the audit from command-line arguments; returns the exit status (0: every row ok, 1: not)."""
     args = build_parser().parse_args(argv)
@@ -34,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         scenarios=args.scenarios,
         alpha=args.alpha,
         delta=args.delta,
+        progress=_report_progress,
     )
     print(result.table())
     return 0 if result.ok else 1

@@ -135,7 +135,7 @@ def _seed(rng: np.random.Generator) -> int:
 def _model_and_optimizer(
     backend: str, d: int, cfg: OneStepConfig | PoissonConfig, batch: int, sample_size: int, seed: int
 ) -> tuple[nn.Linear, fastdp.DPOptimizer]:
-    # no random init (the caller's global RNG stays untouched): every step starts from zero weights anyway
+    # no init: every step starts from zero weights
     model = nn.utils.skip_init(nn.Linear, d, 1, bias=False, device=_device(backend))
     opt = fastdp.DPSGD(
         model,
