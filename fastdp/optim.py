@@ -217,7 +217,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 f"fastdp: step {self.steps_taken}: all {self.examples_last_batch} examples of the logical batch had a "
                 "non-finite gradient (NaN/inf data or an overflow) and contributed zero: the step was noise only. "
                 "Check the data and the loss scale (e.g. bf16/fp16 overflow, a learning rate that diverged).",
-                stacklevel=2,
+                stacklevel=3,  # the caller of step(), past torch.no_grad's wrapper
             )
         if self.sample_rate is not None:
             self.accountant.step(self.sample_rate, self.noise_multiplier)
