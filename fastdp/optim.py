@@ -23,7 +23,7 @@ from fastdp.backends import resolve_backend
 from fastdp.distributed import active_group, all_reduce_sum, broadcast_int, broadcast_module
 from fastdp.engine import GradSampleEngine
 from fastdp.engine.clipping import get_clipping
-from fastdp.fused_step import FUSED_BACKENDS, FusedStep, fused_kind
+from fastdp.fused_step import FusedStep
 from fastdp.noise import GaussianNoise
 
 
@@ -197,7 +197,7 @@ class DPOptimizer(torch.optim.Optimizer):
         summed, norms = self.engine.pop()
         std = self.noise_multiplier * self.max_grad_norm
         fused = self._fused_step()
-        if fused is not None and fused.ready():
+        if fused is not None:
             # one call: noise (the Philox stream of (seed, step), the same on every rank), / B and the update
             if self.group is not None:
                 sums = [summed.get(p, None) for p in self.engine.params]
@@ -266,15 +266,12 @@ class DPOptimizer(torch.optim.Optimizer):
         """The backend's one-call step when it can run this optimizer on these parameters (fastdp.fused_step)."""
         if self._fused is None:
             self._fused = False
-            name = self.backend.name
-            if name in FUSED_BACKENDS and not self.noise.secure:
-                kind = fused_kind(self.inner, self.engine.params, self.backend)
-                if kind is not None:
-                    self._fused = FusedStep(self.inner, kind, name)
-                elif self._backend_requested:
+            if not self.noise.secure:  # OS-entropy noise is drawn on the host, by the torch path
+                self._fused = self.backend.fused_step(self.inner, self.engine.params) or False
+                if not self._fused and self._backend_requested and self.backend.step_dtypes:
                     warnings.warn(
-                        f"fastdp: backend {name!r} has no fused step for {type(self.inner).__name__} on these "
-                        "parameters (fastdp.fused_step lists what it runs); the step takes the torch path.",
+                        f"fastdp: backend {self.backend.name!r} has no fused step for {type(self.inner).__name__} on "
+                        "these parameters (fastdp.fused_step says what it runs); the step takes the torch path.",
                         stacklevel=3,
                     )
         return self._fused or None

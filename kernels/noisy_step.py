@@ -555,7 +555,8 @@ def noisy_optimizer_step(
     offset: int = 0,
 ) -> None:
     """``noisy_step`` driven by a torch.optim SGD / Adam / AdamW: reads its param groups and keeps its state
-    (momentum_buffer; exp_avg, exp_avg_sq, step) exactly as its own ``step()`` would.
+    (momentum_buffer; exp_avg, exp_avg_sq, step) exactly as its own ``step()`` would, through the optimizer-state
+    adapter every fused backend shares (fastdp.fused_step).
 
     Args:
         optimizer: a torch.optim.SGD, Adam or AdamW (dampening 0, amsgrad and maximize off).
@@ -563,68 +564,28 @@ def noisy_optimizer_step(
         std, expected_batch_size, seed, step: as ``noisy_step``.
         offset: the noise index of the optimizer's first element; tensors are laid end to end from there.
     """
+    from fastdp.backends.triton import TritonBackend
+    from fastdp.fused_step import finish, launches, step_kind
+
     op = "noisy_optimizer_step"
-    if isinstance(optimizer, torch.optim.AdamW):
-        kind = "adamw"
-    elif isinstance(optimizer, torch.optim.Adam):
-        kind = "adam"
-    elif isinstance(optimizer, torch.optim.SGD):
-        kind = "sgd"
-    else:
-        raise TypeError(f"{op}: supports torch.optim.SGD, Adam and AdamW, got {type(optimizer).__name__}")
+    kind = step_kind(optimizer)
+    if kind is None:
+        raise TypeError(
+            f"{op}: supports torch.optim.SGD, Adam and AdamW without maximize/amsgrad/capturable/differentiable, "
+            f"got {type(optimizer).__name__}"
+        )
+    if any(g.get("dampening", 0) != 0 for g in optimizer.param_groups):
+        raise ValueError(f"{op}: SGD dampening must be 0, got {[g.get('dampening') for g in optimizer.param_groups]}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     sums = list(sums)
     if len(sums) != len(params):
         raise ValueError(f"{op}: the optimizer has {len(params)} parameters, got {len(sums)} sums")
-    pos, o = 0, int(offset)
-    for group in optimizer.param_groups:
-        if group.get("maximize", False):
-            raise ValueError(f"{op}: maximize=True is not supported")
-        gp = list(group["params"])
-        gs = sums[pos : pos + len(gp)]
-        offs = []
-        for p in gp:
-            offs.append(o)
-            o += p.numel()
-        pos += len(gp)
-        lr = float(group["lr"])
-        if kind == "sgd":
-            if group.get("dampening", 0) != 0:
-                raise ValueError(f"{op}: SGD dampening must be 0, got {group['dampening']}")
-            mom = float(group["momentum"])
-            bufs = [optimizer.state[p].get("momentum_buffer") for p in gp] if mom > 0 else None
-            noisy_step(
-                gp, gs, std=std, expected_batch_size=expected_batch_size, seed=seed, step=step, offsets=offs,
-                optimizer="sgd", lr=lr, weight_decay=float(group["weight_decay"]), momentum=mom,
-                nesterov=bool(group["nesterov"]), momentum_buffers=bufs,
-            )  # fmt: skip
-            if bufs is not None:
-                for p, b in zip(gp, bufs, strict=True):
-                    optimizer.state[p]["momentum_buffer"] = b
-            continue
-        if group.get("amsgrad", False):
-            raise ValueError(f"{op}: amsgrad=True is not supported")
-        decoupled = kind == "adamw" or bool(group.get("decoupled_weight_decay", False))
-        # torch keeps a step count per parameter; launch once per distinct count (normally one)
-        by_step: dict[int, list[int]] = {}
-        for i, p in enumerate(gp):
-            by_step.setdefault(int(optimizer.state[p].get("step", 0)) + 1, []).append(i)
-        for t, idx in by_step.items():
-            ps = [gp[i] for i in idx]
-            m = [optimizer.state[p].get("exp_avg") for p in ps]
-            v = [optimizer.state[p].get("exp_avg_sq") for p in ps]
-            noisy_step(
-                ps, [gs[i] for i in idx], std=std, expected_batch_size=expected_batch_size, seed=seed, step=step,
-                offsets=[offs[i] for i in idx], optimizer="adamw" if decoupled else "adam", lr=lr,
-                weight_decay=float(group["weight_decay"]), betas=tuple(float(b) for b in group["betas"]),
-                eps=float(group["eps"]), exp_avgs=m, exp_avg_sqs=v, adam_step=t,
-            )  # fmt: skip
-            for p, mi, vi in zip(ps, m, v, strict=True):
-                st = optimizer.state[p]
-                if "step" not in st:  # torch's lazy state: a float32 step count and the two moments
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                st["exp_avg"], st["exp_avg_sq"] = mi, vi
-                st["step"] += 1
+    backend = TritonBackend(device_type=params[0].device.type if params else "cuda")
+    by_param = {p: s for p, s in zip(params, sums, strict=True) if s is not None}
+    for launch in launches(optimizer, by_param, kind, updated=lambda p: True):  # every tensor, as torch.optim
+        launch.offsets = [o + int(offset) for o in launch.offsets]
+        backend.noisy_step(launch, std, expected_batch_size, seed, step)
+        finish(optimizer, launch)
 
 
 # ---------------------------------------------------------------------------------------------------- reference

@@ -300,3 +300,12 @@ def test_norms_and_clipped_sums_use_full_fp32_whatever_tf32_allows(monkeypatch):
     assert {what for what, _ in seen} == {"norm", "ws forward", "clipped sum"}
     assert all(flags == full for _, flags in seen), seen
     assert all(getattr(mod, attr) in ("tf32", True) for mod, attr, _ in precision._KNOBS), "restored afterwards"
+
+
+def test_unknown_strategy_is_an_error_and_one_no_layer_offers_is_said():
+    with pytest.raises(ValueError, match=r"unknown strategy 'unfodl'; the rules offer .*unfold"):
+        GradSampleEngine(Conv2dNet(), max_grad_norm=1.0, strategy="unfodl")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    GradSampleEngine(model, max_grad_norm=1.0, strategy="shifted_ghost")  # a conv strategy: Linear does not offer it
+    with pytest.warns(UserWarning, match=r"strategy='shifted_ghost' was forced, but no layer of this model offers"):
+        model(torch.randn(3, 4)).sum().backward()

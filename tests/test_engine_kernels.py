@@ -1,4 +1,4 @@
-"""The engine's fused strategies (the backend's layer kernels, fastdp/engine/layer_kernels.py) against the float64
+"""The engine's fused strategies (the backend's layer kernels, fastdp/backends/) against the float64
 per-example loop, and the ``triton`` backend end to end (engine, clip-and-reduce and the optimizer step).
 
 Without a GPU the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before any kernel
@@ -28,7 +28,6 @@ pytest.importorskip("triton")
 import fastdp  # noqa: E402
 from fastdp.backends import resolve_backend  # noqa: E402
 from fastdp.engine import GradSampleEngine  # noqa: E402
-from fastdp.engine.layer_kernels import layer_kernels  # noqa: E402
 from fastdp.kernels._triton import interpreting  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,7 +63,7 @@ BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 def test_fused_strategies_match_float64_loop(name, strategy, augmult, backend):
     if backend not in fastdp.available_backends() + ["triton"]:
         pytest.skip(f"backend {backend!r} is not available here")
-    lk = layer_kernels(resolve_backend(backend))
+    lk = resolve_backend(backend).layer_kernels()
     torch.manual_seed(hash((name, strategy, augmult)) % 2**31)
     model = MODELS[name]()
     examples = 5
@@ -120,7 +119,7 @@ def test_fused_strategies_sum_reduction_and_nonfinite_example(strategy):
 def test_fused_strategies_need_the_kernels_dtype_and_device():
     """float64 layers (the kernels take fp32/bf16/fp16) and backends without layer kernels get no fused
     strategy; WS convs get fused_keep but not fused_bk (they need per-row norms)."""
-    lk = layer_kernels(resolve_backend("triton"))
+    lk = resolve_backend("triton").layer_kernels()
     conv = torch.nn.Conv2d(3, 4, 3).to(DEVICE)
     x = torch.randn(2, 3, 6, 6, device=DEVICE)
     rule = fastdp.rules.rule_for(conv)
@@ -132,7 +131,7 @@ def test_fused_strategies_need_the_kernels_dtype_and_device():
     ws = fastdp.nn.WSConv2d(3, 4, 3).to(DEVICE)
     ws_rule = fastdp.rules.rule_for(ws)
     assert "fused_keep" in ws_rule.strategies(ws, x, 1, lk) and "fused_bk" not in ws_rule.strategies(ws, x, 1, lk)
-    assert layer_kernels(resolve_backend("torch")) is None
+    assert resolve_backend("torch").layer_kernels() is None
 
 
 def test_interpreted_triton_backend_is_explicit_only():
@@ -174,7 +173,7 @@ def test_dpoptimizer_triton_backend_matches_cpp(name):
             opt.step()
             opt.zero_grad()
         if backend == "triton":
-            assert opt._fused_step() is not None and opt._fused_step().backend == "triton"
+            assert opt._fused_step() is not None and opt._fused_step().backend.name == "triton"
             assert any(s.startswith("fused_") for _, s in opt.engine.plans.values())
         runs[backend] = model
     for p, q in zip(runs["cpp"].parameters(), runs["triton"].parameters(), strict=True):

@@ -369,3 +369,39 @@ def test_state_dict_of_other_shapes_is_refused_at_load(backend):
     with pytest.raises(ValueError, match=match):
         target.load_state_dict(saved)
     torch.testing.assert_close(target.state_dict()["optimizer"], before["optimizer"])  # nothing half-loaded
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="fastdp._C is not built")
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_step_keeps_state_of_mixed_phases_as_torch_does(name):
+    """Parameters whose optimizer state is at different phases (Adam step counts 5 and 2 and none; a momentum buffer
+    for some only) step as torch.optim steps each one: the fused step's launches follow each parameter's own state
+    (one adapter for every backend; the compiled step once used the first parameter's count for its whole group)."""
+    torch.manual_seed(16)
+    base = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    x, t = torch.randn(6, 5), torch.randn(6, 3)
+    models, opts = {}, {}
+    for backend in ("torch", "cpp"):
+        model = copy.deepcopy(base)
+        params = list(model.parameters())
+        if name == "adamw":
+            inner = torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
+            for p, steps in zip(params, (5, 2, 5), strict=False):  # the last bias has no state yet
+                inner.state[p] = {"step": torch.tensor(float(steps)), "exp_avg": torch.full_like(p, 0.01 * steps),
+                                  "exp_avg_sq": torch.full_like(p, 1e-3 * steps)}  # fmt: skip
+        else:
+            inner = torch.optim.SGD(params, lr=0.3, momentum=0.9, nesterov=True)
+            inner.state[params[0]] = {"momentum_buffer": torch.full_like(params[0], 0.2)}
+        opts[backend] = fastdp.DPOptimizer(
+            inner, model, noise_multiplier=0.7, max_grad_norm=0.5, expected_batch_size=6, seed=9, backend=backend
+        )
+        models[backend] = model
+        for _ in range(2):
+            row_loss(model(x), t).mean().backward()
+            opts[backend].step()
+    assert opts["cpp"]._fused_step() is not None and opts["torch"]._fused_step() is None
+    for p, q in zip(models["torch"].parameters(), models["cpp"].parameters(), strict=True):
+        # the same Philox noise on both paths, to a few float32 ulp
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        for key, value in opts["torch"].inner.state[p].items():
+            torch.testing.assert_close(opts["cpp"].inner.state[q][key], value, rtol=1e-5, atol=1e-6)

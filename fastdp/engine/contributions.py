@@ -1,29 +1,18 @@
-"""What one layer call leaves behind for the clipping step, per parameter.
-
-The clip factors c_i depend on the per-example norm summed over *all* layers, so a layer's backward cannot
-finish its share of S = sum_i c_i g_i on its own. It leaves a ``Contribution``: enough to give
-
-- ``sq_norm()``        the per-example squared norm of its gradient, (B,) in float32 or better,
-- ``weighted_sum(w)``  sum_i w_i g_i once the weights w_i = c_i * scale are known,
-- ``instantiate()``    the per-example gradients (B, *param.shape), needed only when a parameter receives
-                       several contributions in one backward (shared weights, a module called twice): the
-                       norm of a sum is not the sum of norms, so those are summed per example first.
-
-Examples whose gradient is non-finite are removed with ``drop(keep)`` before ``weighted_sum``: a zero
-weight is not enough because 0 * nan = nan.
+"""The contributions most rules leave (fastdp.engine.interface defines the protocol): per-example gradients kept in
+memory, several of them summed per example, and the clip-and-reduce of the engine's backend that finishes them.
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-#: the clip-and-reduce kernel of the engine's backend while it finishes a backward: (G (B, P), w (B,)) -> (P,), or
-#: None where it does not apply (device, dtype, layout) and the torch reduction runs
-Reducer = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+from fastdp.engine.interface import Contribution, Reducer
+
+#: the clip-and-reduce kernel of the engine's backend while it finishes a backward (fastdp.engine.interface.Reducer)
 _REDUCER: contextvars.ContextVar[Reducer | None] = contextvars.ContextVar("fastdp_clip_reduce", default=None)
 
 
@@ -55,22 +44,6 @@ def mask_rows(t: torch.Tensor, keep: torch.Tensor, rows_per_example: int = 1) ->
     if rows_per_example > 1:
         keep = keep.repeat_interleave(rows_per_example)
     return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
-class Contribution:
-    """One layer call's share of one parameter's per-example gradients."""
-
-    def sq_norm(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def instantiate(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def drop(self, keep: torch.Tensor) -> None:
-        raise NotImplementedError
 
 
 class Kept(Contribution):

@@ -9,7 +9,6 @@ batch size belong to the optimizer step.
 
 from __future__ import annotations
 
-import time
 import warnings
 from types import MethodType
 
@@ -18,8 +17,9 @@ from torch import nn
 
 from fastdp.backends import resolve_backend
 from fastdp.engine.clipping import get_clipping
-from fastdp.engine.contributions import Contribution, Summed, reducing_with
-from fastdp.engine.layer_kernels import layer_kernels
+from fastdp.engine.contributions import Summed, reducing_with
+from fastdp.engine.interface import Contribution, LayerCall, LayerFunction
+from fastdp.engine.planning import Planner
 from fastdp.engine.precision import full_fp32
 from fastdp.engine.provenance import (
     Provenance,
@@ -32,9 +32,8 @@ from fastdp.engine.provenance import (
     quiet_model,
     signature,
 )
-from fastdp.engine.reducers import reducer_for
-from fastdp.rules import fallback_rule, rule_for
-from fastdp.rules.base import LayerCall, LayerFunction, Rule
+from fastdp.rules import fallback_rule, known_strategies, rule_for
+from fastdp.rules.base import Rule
 
 #: modules that mix the examples of a batch: per-example gradients do not exist for them
 _EXAMPLE_MIXING = (nn.modules.batchnorm._BatchNorm,)
@@ -64,7 +63,7 @@ class GradSampleEngine:
         autotune: plan by timing every candidate once per layer and input shape (on the real input and a
             random output gradient); False ranks them by the analytic cost model of fastdp.engine.costs.
         backend: whose kernels the plan may use ("auto", "torch", "cpp", ...; fastdp.backends): its per-layer norm
-            and book-keeping kernels become ``fused_*`` strategies (fastdp.engine.layer_kernels), its
+            and book-keeping kernels become ``fused_*`` strategies (fastdp.backends), its
             clip-and-reduce finishes the kept per-example gradients.
     """
 
@@ -93,19 +92,22 @@ class GradSampleEngine:
         self.clip_fn = get_clipping(clipping, float(max_grad_norm), float(clip_gamma))
         self.clipping = clipping
         self.clip_gamma = float(clip_gamma)
-        self.memory_budget = memory_budget
+        if strategy is not None and strategy not in known_strategies():
+            raise ValueError(
+                f"unknown strategy {strategy!r}; the rules offer {', '.join(sorted(known_strategies()))} (None plans "
+                "each layer)"
+            )
         self.strategy = strategy
-        self.autotune = autotune
         self.backend = resolve_backend(backend)
-        self.reducer = reducer_for(self.backend)
-        self.kernels = layer_kernels(self.backend)
+        self.reducer = self.backend.reducer()
+        self.kernels = self.backend.layer_kernels()
+        self.planner = Planner(
+            self, self.kernels, self.reducer, memory_budget, strategy, autotune, backend_name=self.backend.name
+        )
 
         self.summed: dict[nn.Parameter, torch.Tensor] = {}
         self.norms: list[torch.Tensor] = []
         self.nonfinite_examples = 0
-        self.plans: dict[nn.Module, tuple[tuple, str]] = {}
-        #: the candidates each plan was chosen from, with their modelled cost (for inspection)
-        self.plan_costs: dict[nn.Module, dict] = {}
         #: the provenance of every wrapped call, by the model input's signature (fastdp.engine.provenance)
         self.layouts: dict[tuple, dict[tuple[nn.Module, int], Provenance]] = {}
         self._pass: dict[nn.Parameter, list[Contribution]] | None = None
@@ -115,6 +117,7 @@ class GradSampleEngine:
         self._depth = 0
         self._recorder: Recorder | None = None
         self._buffers_checked = False
+        self._strategy_checked = False
         self._buffer_versions: dict[str, tuple[int, int]] = {}
         self._buffer_copies: list[torch.Tensor] | None = None
         self._wrapped: list[nn.Module] = []
@@ -196,6 +199,7 @@ class GradSampleEngine:
         if self._depth or self._micro is None:
             return
         self._micro = None
+        self._check_forced_strategy()
         changed = [n for n, v in _buffer_versions(model).items() if self._buffer_versions.get(n) != v]
         copies, self._buffer_copies = self._buffer_copies, None
         if changed and model.training:
@@ -210,6 +214,21 @@ class GradSampleEngine:
                 "fixed), or do not keep them (e.g. track_running_stats=False)."
             )
         self._buffers_checked = self._buffers_checked or model.training
+
+    def _check_forced_strategy(self) -> None:
+        """After the first planned forward: a forced strategy that no layer offers is said once, not silently planned
+        around (layers that offer it run it; the others are planned)."""
+        if self.strategy is None or self._strategy_checked or not self.planner.plans:
+            return
+        self._strategy_checked = True
+        if not any(choice == self.strategy for _, choice in self.planner.plans.values()):
+            offered = sorted({k for costs in self.planner.costs.values() for k in costs})
+            warnings.warn(
+                f"fastdp: strategy={self.strategy!r} was forced, but no layer of this model offers it for these inputs "
+                f"and backend {self.backend.name!r} (they offer: {', '.join(offered)}); every layer was planned. "
+                "Force one of those, or pass strategy=None.",
+                stacklevel=3,
+            )
 
     def _micro_batch(self, args: tuple, kwargs: dict) -> _MicroBatch:
         x = first_batch_tensor((args, kwargs))
@@ -266,115 +285,26 @@ class GradSampleEngine:
         x, m = micro.rows_of(module, x, self)
         call = LayerCall(self, rule, module, strategy="", examples=micro.examples, rows_per_example=m)
         x = rule.prepare(call, x)
-        call.strategy = self._plan(call, x)
+        call.strategy = self.planner.plan(call, x)
         return LayerFunction.apply(call, x, *params)
 
-    # ------------------------------------------------------------------ planning
-    def _plan(self, call: LayerCall, x: torch.Tensor) -> str:
-        rule, module, m = call.rule, call.module, call.rows_per_example
-        key = (tuple(x.shape[1:]), x.dtype, m)
-        cached = self.plans.get(module)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        candidates = rule.strategies(module, x, m, self.kernels)
-        if self.strategy is not None and self.strategy in candidates:
-            choice = self.strategy
-        else:
-            fits = {k: c for k, c in candidates.items() if c.memory <= self._memory_allowance(module, x)}
-            if len(fits) > 1 and self.autotune:
-                times = self._time(call, x, _shortlist(fits))
-                if times:
-                    choice = min(times, key=times.get)
-                else:  # only fused strategies fit, and each failed here: the torch one holding the least
-                    plain = [k for k in candidates if not k.startswith("fused_")]
-                    choice = min(plain, key=lambda k: candidates[k].memory)
-            elif fits:
-                choice = min(fits, key=lambda k: fits[k].time)
-            else:
-                choice = min(candidates, key=lambda k: candidates[k].memory)
-        self.plan_costs[module] = candidates
-        self.plans[module] = (key, choice)
-        return choice
+    # ------------------------------------------------------------------ planning (fastdp.engine.planning)
+    @property
+    def plans(self) -> dict[nn.Module, tuple[tuple, str]]:
+        """The strategy each planned layer runs, with the input key it was planned for."""
+        return self.planner.plans
 
-    def _memory_allowance(self, module: nn.Module, x: torch.Tensor) -> float:
-        """Bytes this layer's plan may hold for the clip step.
-
-        "auto": twice the layer's own input. Holding a layer's input and output grad (book-keeping) or
-        per-example gradients of that order keeps the DP step's extra memory of the order of the activations
-        the ordinary backward holds anyway; the large per-example gradients of low-resolution, wide layers
-        (B * p * d >> B * T * (C_in + p)) are what it rules out. A number is a total over all layers, spent
-        greedily in forward order; None is no limit.
-        """
-        if self.memory_budget == "auto":
-            return 2.0 * x.numel() * x.element_size()
-        if self.memory_budget is None:
-            return float("inf")
-        # plans restored from a state_dict carry no cost; they were within budget when first made
-        used = sum(
-            self.plan_costs[mod][c].memory
-            for mod, (_, c) in self.plans.items()
-            if mod is not module and mod in self.plan_costs
-        )
-        return self.memory_budget - used
-
-    def _time(self, planned: LayerCall, x: torch.Tensor, strategies: list[str], rounds: int = 4) -> dict[str, float]:
-        """Seconds of each strategy's backward-side work (norm and clipped sum) on this input.
-
-        The candidates take turns (one warm-up round, then ``rounds`` timed ones, best kept): a drift of the
-        machine's state during tuning then hits all of them alike instead of deciding the ranking.
-        """
-        rule = planned.rule
-        calls = {
-            k: LayerCall(
-                self, rule, planned.module, strategy=k, info=dict(planned.info), examples=planned.examples,
-                rows_per_example=planned.rows_per_example,
-            )
-            for k in strategies
-        }  # fmt: skip
-        best = dict.fromkeys(strategies, float("inf"))
-        # in the precision the step runs them (fastdp.engine.precision), so that the timings rank what will run
-        with torch.no_grad(), full_fp32():
-            grad_out = None
-            for r in range(rounds + 1):
-                for k, call in list(calls.items()):
-                    out, saved = rule.compute(call, x)
-                    if grad_out is None:
-                        grad_out = torch.randn_like(out)
-                    _synchronize(x.device)
-                    start = time.perf_counter()
-                    try:
-                        merged = [c for _, c in rule.contributions(call, saved, grad_out, call.rows_per_example)]
-                        sq = sum(c.sq_norm() for c in merged)
-                        for c in merged:
-                            c.weighted_sum(torch.ones_like(sq))
-                        _synchronize(x.device)
-                    except Exception as e:  # noqa: BLE001 - a kernel that does not build or run here
-                        if not k.startswith("fused_"):
-                            raise
-                        # a backend kernel failing on this machine (a Triton version or GPU it was not built for)
-                        # loses the layer a candidate, not the run; the torch strategies are exact all the same
-                        warnings.warn(
-                            f"fastdp: strategy {k!r} of backend {self.backend.name!r} failed on "
-                            f"{type(planned.module).__name__} ({type(e).__name__}: {e}); planning without it",
-                            stacklevel=2,
-                        )
-                        del calls[k], best[k]
-                        continue
-                    if r > 0:
-                        best[k] = min(best[k], time.perf_counter() - start)
-        return best
+    @property
+    def plan_costs(self) -> dict[nn.Module, dict]:
+        """The candidates each plan was chosen from, with their modelled cost (for inspection)."""
+        return self.planner.costs
 
     def plan_state(self) -> dict[str, tuple]:
         """The chosen strategies by module name, so that a resumed run computes exactly the same way."""
-        return {self._names[m]: (list(key[0]), str(key[1]), choice, key[2]) for m, (key, choice) in self.plans.items()}
+        return self.planner.state(self._names)
 
     def load_plan_state(self, state: dict[str, tuple]) -> None:
-        modules = dict(self.model.named_modules())
-        for name, (shape, dtype, choice, *rest) in state.items():
-            if name not in modules:
-                raise KeyError(f"saved plan names module {name!r}, which this model does not have")
-            m = rest[0] if rest else self.augmult  # plans saved before rows per example were part of the key
-            self.plans[modules[name]] = ((tuple(shape), getattr(torch, dtype.removeprefix("torch.")), m), choice)
+        self.planner.load_state(state, dict(self.model.named_modules()), self.augmult)
 
     # ------------------------------------------------------------------ backward
     def record(self, call: LayerCall, saved, grad_out: torch.Tensor) -> None:
@@ -492,24 +422,6 @@ def _refuse_running_statistics(model: nn.Module) -> None:
 def _buffer_versions(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Each buffer's identity and version counter: an in-place update bumps the counter, a reassignment the id."""
     return {n: (id(b), b._version) for n, b in model.named_buffers()}
-
-
-def _shortlist(fits: dict) -> list[str]:
-    """The strategies worth timing. The cost model ranks a layer's strategies to within ~3x of their measured times
-    on the CPU it was fitted on; one it puts beyond _PRUNE x the cheapest is not worth timing (nor the transient
-    memory of trying it). The cheapest torch strategy is always timed too: the model has not been fitted to the fused
-    kernels (a GPU's), so it must not rule out the alternative they are measured against."""
-    cheapest = min(c.time for c in fits.values())
-    out = [k for k, c in fits.items() if c.time <= _PRUNE * cheapest]
-    plain = [k for k in fits if not k.startswith("fused_")]
-    if plain and not set(plain) & set(out):
-        out.append(min(plain, key=lambda k: fits[k].time))
-    return out
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _leak_guard(name: str):

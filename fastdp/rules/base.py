@@ -8,43 +8,16 @@ rule's ``Contribution`` per parameter. The autograd weight gradient is therefore
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from fastdp.engine.contributions import Contribution
-from fastdp.engine.precision import full_fp32
+from fastdp.engine.interface import Contribution, Cost, LayerCall, LayerFunction, LayerKernels
 
-if TYPE_CHECKING:
-    from fastdp.engine.engine import GradSampleEngine
-    from fastdp.engine.layer_kernels import LayerKernels
-
-
-@dataclass(frozen=True)
-class Cost:
-    """A plan candidate's estimated cost: seconds-like time units and bytes held until the clip step."""
-
-    time: float
-    memory: float
-
-
-@dataclass(eq=False)
-class LayerCall:
-    """One forward call of a wrapped layer, carried from its forward to its backward."""
-
-    engine: GradSampleEngine
-    rule: Rule
-    module: nn.Module
-    strategy: str
-    info: dict[str, Any] = field(default_factory=dict)
-    consumed: bool = False
-    #: N, the examples of the micro-batch this call belongs to
-    examples: int = 1
-    #: m, the consecutive rows of the layer's input that belong to each example (K, or K*T for flattened tokens)
-    rows_per_example: int = 1
+__all__ = [
+    "Cost", "LayerCall", "LayerFunction", "Rule", "compute_dtype", "known_strategies", "register_rule", "rule_for",
+    "trainable",
+]  # fmt: skip
 
 
 class Rule:
@@ -58,6 +31,8 @@ class Rule:
     frozen_methods: tuple[str, ...] = ("forward",)
     #: whether the per-example norm reads a tensor the forward computed (then the forward runs in full fp32 too)
     norm_reads_forward: bool = False
+    #: every strategy ``strategies`` may offer (what ``strategy=`` is checked against)
+    strategy_names: frozenset[str] = frozenset({"keep"})
 
     def check(self, module: nn.Module) -> None:
         """Raise a clear error if this module's configuration is not supported."""
@@ -106,6 +81,11 @@ def register_rule(*module_types: type[nn.Module]) -> Callable[[type[Rule]], type
     return deco
 
 
+def known_strategies() -> frozenset[str]:
+    """Every strategy some registered rule offers."""
+    return frozenset().union(Rule.strategy_names, *(r.strategy_names for r in _RULES.values()))
+
+
 def rule_for(module: nn.Module) -> Rule | None:
     """The rule for this module: its exact type, or a registered base whose behaviour it does not override."""
     t = type(module)
@@ -117,28 +97,6 @@ def rule_for(module: nn.Module) -> Rule | None:
             same = all(getattr(t, m, None) is getattr(base, m, None) for m in rule.frozen_methods)
             return rule if same else None
     return None
-
-
-class LayerFunction(torch.autograd.Function):
-    """Autograd node of a wrapped layer: parameters are inputs (so the output requires grad even when the
-    data does not), but their gradient slots return None, so autograd never computes or accumulates them."""
-
-    @staticmethod
-    def forward(ctx, call: LayerCall, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        with full_fp32() if call.rule.norm_reads_forward else nullcontext():
-            out, saved = call.rule.compute(call, x)
-        ctx.call = call
-        ctx.save_for_backward(*saved)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):  # noqa: D102
-        call: LayerCall = ctx.call
-        saved = ctx.saved_tensors
-        grad_x = call.rule.grad_input(call, saved, grad_out) if ctx.needs_input_grad[1] else None
-        call.engine.record(call, saved, grad_out)
-        return (None, grad_x) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

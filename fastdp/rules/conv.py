@@ -19,7 +19,7 @@ and G_i = delta_i^T a_i as for a linear layer. Strategies (T' = K * T with augmu
              kernel's shifted diagonals, no unfold (rules/conv_ghost.py), then book-keeping. At 16x16 and
              8x8 it costs about one weight gradient or less where instantiating costs 2-4.
 
-Where the engine's backend has the layer kernels (fastdp/engine/layer_kernels.py; Conv2d, groups 1):
+Where the engine's backend has the layer kernels (fastdp/backends/; Conv2d, groups 1):
 ``fused_keep`` (the implicit-GEMM norm kernel also writes G_i, the norm costs no extra pass) and ``fused_bk``
 (the norm kernel, then the book-keeping sum by the backend's kernel, else the scaled weight-gradient convolution).
 """
@@ -28,19 +28,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastdp.engine import costs
-from fastdp.engine.contributions import Contribution, Kept, accum_dtype, mask_rows
+from fastdp.engine.contributions import Kept, accum_dtype, mask_rows
+from fastdp.engine.interface import Contribution, LayerKernels
 from fastdp.rules.base import Cost, LayerCall, Rule, compute_dtype, register_rule, trainable
 from fastdp.rules.conv_ghost import shifted_ghost, unfolded_ghost
-
-if TYPE_CHECKING:
-    from fastdp.engine.layer_kernels import LayerKernels
 
 _convolution_backward = torch.ops.aten.convolution_backward
 
@@ -225,6 +222,10 @@ def conv_strategies(
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
+    strategy_names = frozenset(
+        {"keep", "instantiate_bk", "unfold", "unfold_bk", "ghost", "shifted_ghost", "fused_keep", "fused_bk"}
+    )
+
     frozen_methods = ("forward", "_conv_forward")
     #: whether contributions take per-output-row norms (weight_contribution's per_row)
     per_row_norms = False

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdp.engine.contributions import Contribution, accum_dtype, mask_rows
+from fastdp.engine.contributions import accum_dtype, mask_rows
+from fastdp.engine.interface import Contribution
 from fastdp.rules.base import LayerCall, Rule, register_rule
 
 

@@ -11,7 +11,7 @@ Strategies (T' = K*T):
   reduction over B. Memory B * p * d.
 - ``instantiate_bk``: G_i by bmm only for the norm, then the book-keeping GEMM; holds a and delta instead.
 
-Where the engine's backend has the layer kernels (fastdp/engine/layer_kernels.py), the same three plans with the
+Where the engine's backend has the layer kernels (fastdp/backends/), the same three plans with the
 fused kernels: ``fused_keep`` (the norm kernel also writes G_i, so the norm costs no extra pass), ``fused_bk`` (the
 norm by implicit GEMM, tile by tile in registers, then the book-keeping kernel) and ``fused_ghost`` (T' > 1: the
 ghost norm without the T' x T' Grams in memory, then the book-keeping kernel).
@@ -20,18 +20,15 @@ ghost norm without the T' x T' Grams in memory, then the book-keeping kernel).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastdp.engine import costs
-from fastdp.engine.contributions import Contribution, Kept, accum_dtype, mask_rows, sq_norms
+from fastdp.engine.contributions import Kept, accum_dtype, mask_rows, sq_norms
+from fastdp.engine.interface import Contribution, LayerKernels
 from fastdp.rules.base import Cost, LayerCall, Rule, compute_dtype, register_rule, trainable
-
-if TYPE_CHECKING:
-    from fastdp.engine.layer_kernels import LayerKernels
 
 
 def ghost_sq_norms(a: torch.Tensor, d: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
@@ -74,6 +71,8 @@ class LinearBookKeeping(Contribution):
 
 @register_rule(nn.Linear)
 class LinearRule(Rule):
+    strategy_names = frozenset({"ghost", "keep", "instantiate_bk", "fused_keep", "fused_bk", "fused_ghost"})
+
     def check(self, module: nn.Linear) -> None:
         pass
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from fastdp.engine.contributions import Contribution, Kept, accum_dtype
+from fastdp.engine.contributions import Kept, accum_dtype
+from fastdp.engine.interface import Contribution
 from fastdp.nn.ws_conv import ScaledStdConv2d, WSConv2d, standardize_weight
 from fastdp.rules.base import LayerCall, compute_dtype, register_rule, trainable
 from fastdp.rules.conv import GHOST_STRATEGIES, ConvRule, bias_grads

@@ -1,4 +1,4 @@
-"""Backends of the engine and the optimizer step, registered by name.
+"""Backends of the engine and the optimizer step: one ``Backend`` object per backend, registered by name.
 
 ``torch`` is the exact reference and always available. ``triton``, ``cuda`` and ``cpp`` (fused kernels in
 kernels/ and csrc/) register themselves when their code is present and loads; until then an explicit
@@ -17,31 +17,26 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
 from fastdp import _ext
+from fastdp.backends.base import Backend
+from fastdp.backends.compiled import CompiledBackend
+from fastdp.backends.triton import TritonBackend
+
+__all__ = ["KNOWN", "Backend", "available_backends", "resolve_backend"]
 
 logger = logging.getLogger("fastdp")
 
 KNOWN = ("torch", "triton", "cuda", "cpp")
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    #: the device type its kernels take (None: any, the torch reference)
-    device_type: str | None = None
-    #: Triton's CPU interpreter (tests only; never chosen by ``auto``)
-    interpreted: bool = False
-
-
 _AVAILABLE: dict[str, Backend] = {"torch": Backend("torch")}
 #: why a known backend is not available (shown when someone asks for it explicitly)
 _MISSING: dict[str, str] = {}
 #: preference order of ``auto``. On a GPU, ``triton`` before ``cuda``: both have the fused step, and Triton has
-#: every layer kernel of the plan (fastdp/engine/layer_kernels.py) where the compiled ``cuda`` has the linear norm.
+#: every layer kernel of the plan (fastdp/backends/triton.py) where the compiled ``cuda`` has the linear norm.
 #: (No GPU has ranked them by measurement yet; bench/ holds the benchmarks that would.)
 _PREFERENCE = ("triton", "cuda", "cpp", "torch")
 
@@ -51,7 +46,7 @@ def _register_extension() -> None:
     if not _ext.cpu_available():
         _MISSING["cpp"] = _MISSING["cuda"] = _ext.import_error_message()
         return
-    _AVAILABLE["cpp"] = Backend("cpp", "cpu")
+    _AVAILABLE["cpp"] = CompiledBackend("cpp", "cpu")
     if not _ext.cuda_compiled():
         _MISSING["cuda"] = (
             "fastdp._C was built without its CUDA kernels (at build time there was no nvcc, torch was a CPU "
@@ -60,7 +55,7 @@ def _register_extension() -> None:
     elif not torch.cuda.is_available():
         _MISSING["cuda"] = "fastdp._C has its CUDA kernels but no CUDA device is visible (torch.cuda.is_available())"
     else:
-        _AVAILABLE["cuda"] = Backend("cuda", "cuda")
+        _AVAILABLE["cuda"] = CompiledBackend("cuda", "cuda")
 
 
 def _register_triton() -> None:
@@ -69,9 +64,9 @@ def _register_triton() -> None:
     if importlib.util.find_spec("triton") is None:
         _MISSING["triton"] = "Triton is not installed (pip install 'fastdp[triton]' on Linux x86-64 with a GPU)"
     elif torch.cuda.is_available():
-        _AVAILABLE["triton"] = Backend("triton", "cuda")
+        _AVAILABLE["triton"] = TritonBackend(device_type="cuda")
     elif os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
-        _AVAILABLE["triton"] = Backend("triton", "cpu", interpreted=True)
+        _AVAILABLE["triton"] = TritonBackend(device_type="cpu", interpreted=True)
     else:
         _MISSING["triton"] = (
             "no CUDA device is visible (torch.cuda.is_available() is False); TRITON_INTERPRET=1 runs the Triton "

@@ -1,0 +1,142 @@
+"""The types the engine, the rules and the backends share; this module imports none of them.
+
+Data flow of one micro-batch: a wrapped layer's forward makes a ``LayerCall`` and runs ``LayerFunction``, whose
+backward returns the input gradient and hands the call to its owner (the engine), which asks the call's rule for
+one ``Contribution`` per parameter. Once the backward is over, the engine sums the contributions' per-example
+squared norms, draws the clip factors and asks each contribution for its weighted sum, through the backend's
+``Reducer`` where one applies. A rule ranks its plan candidates by ``Cost`` and may offer a backend's
+``LayerKernels`` as ``fused_*`` strategies.
+
+Contracts of a ``Contribution`` (one layer call's share of one parameter's per-example gradients):
+
+- ``sq_norm()``        the per-example squared norm of its gradient, (B,) in float32 or better,
+- ``weighted_sum(w)``  sum_i w_i g_i once the weights w_i = c_i * scale are known,
+- ``instantiate()``    the per-example gradients (B, *param.shape), needed only when a parameter receives
+                       several contributions in one backward (shared weights, a module called twice): the
+                       norm of a sum is not the sum of norms, so those are summed per example first,
+- ``drop(keep)``       zero the examples whose gradient is non-finite before ``weighted_sum``: a zero weight is not
+                       enough because 0 * nan = nan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from fastdp.engine.precision import full_fp32
+
+#: a backend's clip-and-reduce over kept per-example gradients: (G (B, P), w (B,)) -> (P,), or None where it does
+#: not take the input (device, dtype, layout) and the torch reduction runs
+Reducer = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A plan candidate's estimated cost: seconds-like time units and bytes held until the clip step."""
+
+    time: float
+    memory: float
+
+
+class Contribution:
+    """One layer call's share of one parameter's per-example gradients (see the module docstring)."""
+
+    def sq_norm(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def instantiate(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def drop(self, keep: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LayerKernels:
+    """The fused per-layer kernels a backend offers the plan (None: the torch strategy does that part). They compute
+    exactly what the torch strategies compute, with fp32 accumulation:
+
+    - ``linear_norm(a, delta, out)``        ||delta_i^T a_i||_F^2 for a (B, T, d), delta (B, T, p); ``out``
+                                            (B, p, d) or None receives G_i (the fused_keep plan),
+    - ``linear_ghost_norm(a, delta)``       the same norm from tiles of the two Gram matrices (T > 1),
+    - ``linear_bookkeeping(a, delta, w)``   sum_i w_i delta_i^T a_i, (p, d),
+    - ``conv2d_norm(x, delta, geom, K, out)``        the per-example norm of a Conv2d (groups 1) by implicit GEMM,
+    - ``conv2d_bookkeeping(x, delta, w, geom, K)``   its clipped sum, (p, C, kh, kw).
+    """
+
+    #: the device type the kernels take tensors on ('cuda'; 'cpu' only in Triton's interpreter, for tests)
+    device_type: str
+    dtypes: tuple[torch.dtype, ...]
+    linear_norm: Callable | None = None
+    linear_ghost_norm: Callable | None = None
+    linear_bookkeeping: Callable | None = None
+    conv2d_norm: Callable | None = None
+    conv2d_bookkeeping: Callable | None = None
+
+    def takes(self, t: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether the kernels run on ``t``'s device for operands of ``dtype`` (the rule's accumulation dtype)."""
+        return t.device.type == self.device_type and dtype in self.dtypes
+
+
+class CallOwner(Protocol):
+    """What a layer call needs of the engine that made it."""
+
+    kernels: LayerKernels | None
+
+    def record(self, call: LayerCall, saved: Sequence[torch.Tensor], grad_out: torch.Tensor) -> None: ...
+
+
+class LayerRule(Protocol):
+    """What a layer call needs of its rule (fastdp.rules.base.Rule implements it)."""
+
+    norm_reads_forward: bool
+
+    def compute(self, call: LayerCall, x: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor]]: ...
+
+    def grad_input(self, call: LayerCall, saved: Sequence[torch.Tensor], grad_out: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(eq=False)
+class LayerCall:
+    """One forward call of a wrapped layer, carried from its forward to its backward."""
+
+    engine: CallOwner
+    rule: LayerRule
+    module: nn.Module
+    strategy: str
+    info: dict[str, Any] = field(default_factory=dict)
+    consumed: bool = False
+    #: N, the examples of the micro-batch this call belongs to
+    examples: int = 1
+    #: m, the consecutive rows of the layer's input that belong to each example (K, or K*T for flattened tokens)
+    rows_per_example: int = 1
+
+
+class LayerFunction(torch.autograd.Function):
+    """Autograd node of a wrapped layer: parameters are inputs (so the output requires grad even when the
+    data does not), but their gradient slots return None, so autograd never computes or accumulates them."""
+
+    @staticmethod
+    def forward(ctx, call: LayerCall, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        with full_fp32() if call.rule.norm_reads_forward else nullcontext():
+            out, saved = call.rule.compute(call, x)
+        ctx.call = call
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):  # noqa: D102
+        call: LayerCall = ctx.call
+        saved = ctx.saved_tensors
+        grad_x = call.rule.grad_input(call, saved, grad_out) if ctx.needs_input_grad[1] else None
+        call.engine.record(call, saved, grad_out)
+        return (None, grad_x) + (None,) * (len(ctx.needs_input_grad) - 2)
