@@ -1,12 +1,26 @@
-"""Shared oracles: a float64 per-example loop, independent of fastdp's engine; a checkpoint with a pickle payload."""
+"""What the tests share: a float64 per-example oracle independent of fastdp's engine, a driver of the engine over
+micro-batches, a checkpoint with a pickle payload, and datasets written in their real on-disk formats.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
+import pickle
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+import fastdp
+from fastdp.engine import GradSampleEngine
+
+#: the backends whose engine kernels and optimizer step run on CPU tensors here (cpp: fastdp._C's clip-and-reduce
+#: and its fused one-call step)
+BACKENDS = [b for b in ("torch", "cpp") if b in fastdp.available_backends()]
 
 
 def row_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -52,6 +66,39 @@ def reference(
     return {n: t for (n, _), t in zip(named, totals, strict=True)}, torch.stack(norms)
 
 
+def split(x, t, sizes):
+    """Consecutive micro-batches of ``sizes`` rows of (x, t)."""
+    out, start = [], 0
+    for s in sizes:
+        out.append((x[start : start + s], t[start : start + s]))
+        start += s
+    return out
+
+
+def run_engine(
+    model, batches, *, max_grad_norm, augmult=1, reduction="mean", strategy=None, clipping="flat", backend="torch"
+):
+    """The clipped sums by parameter name, the norms, and the strategy each planned layer ran, by module name."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eng = GradSampleEngine(
+            model,
+            max_grad_norm=max_grad_norm,
+            augmult=augmult,
+            loss_reduction=reduction,
+            strategy=strategy,
+            clipping=clipping,
+            backend=backend,
+        )
+    for x, t in batches:
+        reduce_rows(row_loss(model(x), t), reduction).backward()
+    summed, norms = eng.pop()
+    named = dict(model.named_parameters())
+    plans = {name: eng.plans[m][1] for name, m in model.named_modules() if m in eng.plans}
+    eng.detach()
+    return {n: summed[p] for n, p in named.items() if p in summed}, norms, plans
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
@@ -74,3 +121,62 @@ def write_payload(path, marker) -> None:
     torch.load(path, weights_only=False)  # the payload is live: loading the file the old way runs it
     assert os.path.exists(marker)
     os.remove(marker)
+
+
+# ----------------------------------------------------------------------------------------------- dataset files
+
+NAMES = [f"class{k}".encode() for k in range(10)]
+
+
+def write_cifar(folder: Path, sizes: tuple[int, ...] = (3, 2, 1, 2, 2, 3), protocol: int = 2, seed: int = 0) -> dict:
+    """Writes data_batch_1..5 (sizes[:5] images) and test_batch (sizes[5]) in the official format.
+
+    Returns the expected (N, 3, 32, 32) uint8 images and labels of each split, built from HWC images so that the
+    loader's CHW reading is checked against an independent construction of the rows (R plane, G plane, B plane).
+    """
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, list] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name, n in zip(files, sizes, strict=True):
+        hwc = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        data = np.stack([np.concatenate([img[:, :, c].reshape(-1) for c in range(3)]) for img in hwc])
+        labels = [int(v) for v in rng.integers(0, 10, size=n)]
+        batch = {
+            b"batch_label": f"batch {name}".encode(),
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+        split = "test" if name == "test_batch" else "train"
+        expected[f"{split}_x"].append(torch.from_numpy(hwc).permute(0, 3, 1, 2))
+        expected[f"{split}_y"].append(torch.tensor(labels, dtype=torch.long))
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": NAMES, b"num_cases_per_batch": 10000, b"num_vis": 3072}, f, protocol=protocol)
+    return {k: torch.cat(v) for k, v in expected.items()}
+
+
+WNIDS = ("n02102040", "n01440764")  # listed unsorted: the class index must follow the sorted folder names
+
+
+def pattern(w: int, h: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def write_folder(root: Path, classes: tuple[str, ...] = WNIDS, splits: tuple[str, ...] = ("train", "val")) -> dict:
+    """Per split and class: a 6x4 RGB PNG, a 10x20 JPEG and a 5x5 greyscale PNG. Returns the PNG pixels."""
+    pixels = {}
+    for s, split in enumerate(splits):
+        for c, cls in enumerate(classes):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            rgb = pattern(6, 4, seed=10 * s + c)
+            Image.fromarray(rgb).save(d / "a.png")
+            Image.fromarray(pattern(10, 20, seed=99)).save(d / "b.JPEG", quality=90)
+            Image.fromarray(rgb[:, :, 0][:4, :4]).save(d / "c.png")  # mode "L", 4x4
+            (d / ".hidden.png").write_bytes(b"not an image")  # skipped: hidden
+            (d / "notes.txt").write_text("skipped: not an image extension")
+            pixels[split, cls] = rgb
+    return pixels

@@ -1,4 +1,5 @@
-"""Dataset loaders on tiny fixtures written into tmp_path in the real on-disk formats, plus digits and the registry.
+"""Dataset loaders on tiny fixtures written into tmp_path in the real on-disk formats (tests/conftest.py), plus digits
+and the registry.
 
 CIFAR-10 batches are pickled dicts exactly like the official ones; image folders hold PNG/JPEG files written with
 PIL. Every DatasetNotFound path is checked for naming the exact path, the expected layout and where to get the data.
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import NAMES, write_cifar, write_folder
 from PIL import Image
 
 from fastdp.data import (
@@ -27,40 +29,6 @@ from fastdp.data.cifar10 import CIFAR10_MEAN, CIFAR10_STD
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 IMAGENETTE_URL = "https://github.com/fastai/imagenette"
-NAMES = [f"class{k}".encode() for k in range(10)]
-
-
-# ----------------------------------------------------------------------------------------------- CIFAR-10 fixture
-
-
-def write_cifar(folder: Path, sizes: tuple[int, ...] = (3, 2, 1, 2, 2, 3), protocol: int = 2, seed: int = 0) -> dict:
-    """Writes data_batch_1..5 (sizes[:5] images) and test_batch (sizes[5]) in the official format.
-
-    Returns the expected (N, 3, 32, 32) uint8 images and labels of each split, built from HWC images so that the
-    loader's CHW reading is checked against an independent construction of the rows (R plane, G plane, B plane).
-    """
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    expected: dict[str, list] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
-    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name, n in zip(files, sizes, strict=True):
-        hwc = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-        data = np.stack([np.concatenate([img[:, :, c].reshape(-1) for c in range(3)]) for img in hwc])
-        labels = [int(v) for v in rng.integers(0, 10, size=n)]
-        batch = {
-            b"batch_label": f"batch {name}".encode(),
-            b"labels": labels,
-            b"data": data,
-            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f, protocol=protocol)
-        split = "test" if name == "test_batch" else "train"
-        expected[f"{split}_x"].append(torch.from_numpy(hwc).permute(0, 3, 1, 2))
-        expected[f"{split}_y"].append(torch.tensor(labels, dtype=torch.long))
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": NAMES, b"num_cases_per_batch": 10000, b"num_vis": 3072}, f, protocol=protocol)
-    return {k: torch.cat(v) for k, v in expected.items()}
 
 
 def assert_not_found(excinfo: pytest.ExceptionInfo, path: Path, *layout_and_source: str) -> str:
@@ -179,29 +147,6 @@ def test_cifar10_rejects_resizing(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- image folders
-
-WNIDS = ("n02102040", "n01440764")  # listed unsorted: the class index must follow the sorted folder names
-
-
-def pattern(w: int, h: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-
-
-def write_folder(root: Path, classes: tuple[str, ...] = WNIDS, splits: tuple[str, ...] = ("train", "val")) -> dict:
-    """Per split and class: a 6x4 RGB PNG, a 10x20 JPEG and a 5x5 greyscale PNG. Returns the PNG pixels."""
-    pixels = {}
-    for s, split in enumerate(splits):
-        for c, cls in enumerate(classes):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            rgb = pattern(6, 4, seed=10 * s + c)
-            Image.fromarray(rgb).save(d / "a.png")
-            Image.fromarray(pattern(10, 20, seed=99)).save(d / "b.JPEG", quality=90)
-            Image.fromarray(rgb[:, :, 0][:4, :4]).save(d / "c.png")  # mode "L", 4x4
-            (d / ".hidden.png").write_bytes(b"not an image")  # skipped: hidden
-            (d / "notes.txt").write_text("skipped: not an image extension")
-            pixels[split, cls] = rgb
-    return pixels
 
 
 def test_image_folder_classes_shapes_and_pixels(tmp_path: Path) -> None:

@@ -7,46 +7,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import reduce_rows, reference, row_loss
+from conftest import BACKENDS, reference, row_loss, run_engine, split
 from models import MODELS, Conv2dNet, SharedNet
 
-import fastdp
 from fastdp.engine import GradSampleEngine
-
-#: backends whose engine kernels run on CPU tensors here (cpp: fastdp._C's clip-and-reduce)
-BACKENDS = [b for b in ("torch", "cpp") if b in fastdp.available_backends()]
-
-
-def run_engine(
-    model, batches, *, max_grad_norm, augmult=1, reduction="mean", strategy=None, clipping="flat", backend="torch"
-):
-    """The clipped sums by parameter name, the norms, and the strategy each planned layer ran, by module name."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        eng = GradSampleEngine(
-            model,
-            max_grad_norm=max_grad_norm,
-            augmult=augmult,
-            loss_reduction=reduction,
-            strategy=strategy,
-            clipping=clipping,
-            backend=backend,
-        )
-    for x, t in batches:
-        reduce_rows(row_loss(model(x), t), reduction).backward()
-    summed, norms = eng.pop()
-    named = dict(model.named_parameters())
-    plans = {name: eng.plans[m][1] for name, m in model.named_modules() if m in eng.plans}
-    eng.detach()
-    return {n: summed[p] for n, p in named.items() if p in summed}, norms, plans
-
-
-def split(x, t, sizes):
-    out, start = [], 0
-    for s in sizes:
-        out.append((x[start : start + s], t[start : start + s]))
-        start += s
-    return out
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

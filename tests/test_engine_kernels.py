@@ -16,9 +16,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import reduce_rows, reference, row_loss
+from conftest import reduce_rows, reference, row_loss, run_engine
 from models import MODELS
-from test_engine import run_engine
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the kernel modules are imported

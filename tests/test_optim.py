@@ -7,14 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import reference, row_loss
+from conftest import BACKENDS, reference, row_loss
 from models import Conv2dNet, WSNet
 
 import fastdp
 from fastdp.accounting import compute_epsilon
-
-#: the backends whose step runs on CPU parameters here (cpp: the fused one-call step of fastdp._C)
-BACKENDS = [b for b in ("torch", "cpp") if b in fastdp.available_backends()]
 
 
 def stepped_gradient(model, opt, lr):

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import reference, row_loss
-from test_engine import BACKENDS, run_engine, split
+from conftest import BACKENDS, reference, row_loss, run_engine, split
 from torch import nn
 
 from fastdp.engine import GradSampleEngine

@@ -8,7 +8,7 @@ plumbing from preset to data layout to optimizer is exercised in seconds.
 from __future__ import annotations
 
 import pytest
-from test_data_datasets import WNIDS, write_cifar, write_folder
+from conftest import WNIDS, write_cifar, write_folder
 
 from fastdp.presets import PRESETS
 from fastdp.train import main
