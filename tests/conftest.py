@@ -1,5 +1,5 @@
 """What the tests share: a float64 per-example oracle independent of fastdp's engine, a driver of the engine over
-micro-batches, a checkpoint with a pickle payload, and datasets written in their real on-disk formats.
+micro-batches, fixed seeds, a checkpoint with a pickle payload, and datasets written in their real on-disk formats.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import copy
 import os
 import pickle
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,12 @@ from fastdp.engine import GradSampleEngine
 #: the backends whose engine kernels and optimizer step run on CPU tensors here (cpp: fastdp._C's clip-and-reduce
 #: and its fused one-call step)
 BACKENDS = [b for b in ("torch", "cpp") if b in fastdp.available_backends()]
+
+
+def seed_of(*params) -> int:
+    """A fixed seed for a parametrization: the CRC-32 of its parameters' repr, the same in every process (``hash()``
+    of a string is salted per process, so a failure seeded with it may not reproduce)."""
+    return zlib.crc32(repr(params).encode()) % 2**31
 
 
 def row_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
