@@ -82,10 +82,28 @@ def split(x, t, sizes):
     return out
 
 
+def forced_strategy_layers(eng: GradSampleEngine, strategy: str) -> list[str]:
+    """The layers (module names, in model order) on which the forced ``strategy`` ran.
+
+    Fails if a layer had ``strategy`` among its plan candidates (``eng.plan_costs``) but ran another: a forced
+    strategy may be missing only where the layer's rule does not offer it.
+    """
+    names = {m: n for n, m in eng.model.named_modules()}
+    assert all(m in eng.plan_costs for m in eng.plans), "every plan was made here (none restored from a state_dict)"
+    silent = {
+        names[m]: choice for m, (_, choice) in eng.plans.items() if choice != strategy and strategy in eng.plan_costs[m]
+    }
+    assert not silent, f"strategy={strategy!r} was forced and offered, but these layers ran another: {silent}"
+    return [n for n, m in eng.model.named_modules() if m in eng.plans and eng.plans[m][1] == strategy]
+
+
 def run_engine(
     model, batches, *, max_grad_norm, augmult=1, reduction="mean", strategy=None, clipping="flat", backend="torch"
 ):
-    """The clipped sums by parameter name, the norms, and the strategy each planned layer ran, by module name."""
+    """The clipped sums by parameter name, the norms, and the strategy each planned layer ran, by module name.
+
+    A forced ``strategy`` is checked to have run on every layer that offers it (:func:`forced_strategy_layers`).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eng = GradSampleEngine(
@@ -100,6 +118,8 @@ def run_engine(
     for x, t in batches:
         reduce_rows(row_loss(model(x), t), reduction).backward()
     summed, norms = eng.pop()
+    if strategy is not None:
+        forced_strategy_layers(eng, strategy)
     named = dict(model.named_parameters())
     plans = {name: eng.plans[m][1] for name, m in model.named_modules() if m in eng.plans}
     eng.detach()

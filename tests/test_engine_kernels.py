@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import reduce_rows, reference, row_loss, run_engine, seed_of
+from conftest import forced_strategy_layers, reduce_rows, reference, row_loss, run_engine, seed_of
 from models import MODELS
 
 if not torch.cuda.is_available():
@@ -110,6 +110,7 @@ def test_fused_strategies_sum_reduction_and_nonfinite_example(strategy):
         eng = GradSampleEngine(model, max_grad_norm=0.4, loss_reduction="sum", strategy=strategy, backend="triton")
     reduce_rows(row_loss(model(x), t), "sum").backward()
     summed, _ = eng.pop()
+    assert forced_strategy_layers(eng, strategy) == FUSED_LAYERS["conv2d"]
     assert eng.nonfinite_examples == 1
     for n, p in model.named_parameters():
         torch.testing.assert_close(summed[p].double().cpu(), ref[n], rtol=2e-5, atol=1e-6)
@@ -229,6 +230,7 @@ def test_fused_strategies_under_bf16_autocast(strategy):
         loss = row_loss(model(x), t).sum()
     loss.backward()
     summed, norms = eng.pop()
+    assert forced_strategy_layers(eng, strategy) == FUSED_LAYERS["conv2d"]
     assert norms.dtype == torch.float32
     assert (norms.double().cpu() - ref_norms).abs().max().item() <= 2 * torch_norm_err + 1e-6 * ref_norms.max().item()
     for (n, p), plain_sum in zip(model.named_parameters(), torch_sum, strict=True):
