@@ -9,7 +9,8 @@ The pure-Python package always installs. The compiled extension ``fastdp._C`` (c
   (parallel compile jobs with ninja) are read by torch.utils.cpp_extension.
 
 A failed extension build prints why and leaves a working pure-Python install (fastdp then runs its torch backend and
-``backend="cpp"``/``"cuda"`` raise with the kept import error). ``kernels/`` is installed as ``fastdp.kernels``
+``backend="cpp"``/``"cuda"`` raise with the kept import error), unless ``FASTDP_REQUIRE_EXT=1`` (CI, .ci/run): then
+the install fails with the build's error. ``kernels/`` is installed as ``fastdp.kernels``
 (never as a bare top-level package).
 """
 
@@ -105,7 +106,10 @@ def build_ext_class():
                 self.fallback(e)
 
         def fallback(self, err: BaseException) -> None:
-            """Give up on the optional extension: say why and install without it."""
+            """Give up on the optional extension: say why and install without it (FASTDP_REQUIRE_EXT=1: fail)."""
+            if _flag("FASTDP_REQUIRE_EXT"):
+                _note(f"building fastdp._C FAILED ({type(err).__name__}: {err}) and FASTDP_REQUIRE_EXT=1: failing")
+                raise err
             _note(
                 f"building fastdp._C FAILED ({type(err).__name__}: {err}).\n"
                 "fastdp installs without it and runs on its torch backend; backend='cpp'/'cuda' will raise. "

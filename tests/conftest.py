@@ -24,6 +24,16 @@ from fastdp.engine import GradSampleEngine
 BACKENDS = [b for b in ("torch", "cpp") if b in fastdp.available_backends()]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With FASTDP_REQUIRE_EXT=1 (CI: .ci/run) the run fails when fastdp._C did not build or load, instead of
+    skipping the extension's tests and passing without it."""
+    from fastdp import _ext
+
+    required = os.environ.get("FASTDP_REQUIRE_EXT", "").strip().lower() in ("1", "true", "yes", "on")
+    if required and _ext.IMPORT_ERROR is not None:
+        pytest.exit(f"FASTDP_REQUIRE_EXT=1 but {_ext.import_error_message()}", returncode=1)
+
+
 def seed_of(*params) -> int:
     """A fixed seed for a parametrization: the CRC-32 of its parameters' repr, the same in every process (``hash()``
     of a string is salted per process, so a failure seeded with it may not reproduce)."""

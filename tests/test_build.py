@@ -51,7 +51,8 @@ def test_force_cuda_needs_a_cuda_torch(setup_py, monkeypatch):
     assert not with_cuda and "not a CUDA build" in why
 
 
-def test_failed_build_leaves_a_pure_python_install(setup_py, monkeypatch, capsys):
+def failing_build(setup_py, monkeypatch):
+    """setup.py's build_ext command, ready to run, whose compile step (torch's BuildExtension) raises."""
     from setuptools import Distribution
 
     monkeypatch.delenv("FASTDP_SKIP_EXT", raising=False)
@@ -64,11 +65,27 @@ def test_failed_build_leaves_a_pure_python_install(setup_py, monkeypatch, capsys
         raise RuntimeError("forced compiler failure (test)")
 
     monkeypatch.setattr(cls.__mro__[1], "run", fail)  # torch's BuildExtension
+    return cmd
+
+
+def test_failed_build_leaves_a_pure_python_install(setup_py, monkeypatch, capsys):
+    monkeypatch.delenv("FASTDP_REQUIRE_EXT", raising=False)  # .ci/run sets it
+    cmd = failing_build(setup_py, monkeypatch)
     cmd.run()  # must not raise
     assert cmd.extensions == [] and cmd.get_outputs() == []
     err = capsys.readouterr().err
     assert "building fastdp._C FAILED" in err and "forced compiler failure" in err
     assert "pip install --no-build-isolation -e ." in err
+
+
+def test_failed_build_fails_the_install_when_the_extension_is_required(setup_py, monkeypatch, capsys):
+    """FASTDP_REQUIRE_EXT=1 (CI): a compile error fails the install with that error, rather than installing without
+    the extension and leaving its tests to skip."""
+    monkeypatch.setenv("FASTDP_REQUIRE_EXT", "1")
+    cmd = failing_build(setup_py, monkeypatch)
+    with pytest.raises(RuntimeError, match="forced compiler failure"):
+        cmd.run()
+    assert "FASTDP_REQUIRE_EXT=1: failing" in capsys.readouterr().err
 
 
 BLOCK_EXT = """
@@ -126,3 +143,19 @@ def test_fastdp_imports_and_explains_without_the_extension(error, logged):
     assert ("undefined symbol" in out["cpp"]) == logged
     # an auto-selected backend that fails to load falls back with exactly one log line
     assert stderr.count("backend 'auto' falls back") == (1 if logged else 0)
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_pytest_refuses_to_run_without_the_extension_when_required(required):
+    """tests/conftest.py: with FASTDP_REQUIRE_EXT=1 (.ci/run) a fastdp._C that does not load stops pytest before
+    collection, with the import error; without the flag the suite collects (and the extension's tests skip)."""
+    block = textwrap.dedent(BLOCK_EXT.format(error='ImportError("_C.so: undefined symbol: _ZN3c10 (forced)")'))
+    args = ["-q", "--collect-only", "-p", "no:cacheprovider", "tests/test_philox.py"]
+    code = block + f"import pytest\nsys.exit(pytest.main({args!r}))\n"
+    env = {**os.environ, "FASTDP_REQUIRE_EXT": "1" if required else "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    if required:
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "FASTDP_REQUIRE_EXT=1 but fastdp._C did not load (ImportError: _C.so: undefined symbol" in proc.stdout
+    else:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
