@@ -58,7 +58,9 @@ def inject_half_noise(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 
 def inject_no_clipping(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's clip factors are all ones."""
-    monkeypatch.setattr(fastdp.engine.engine, "get_clipping", lambda name: lambda norms, C, g: torch.ones_like(norms))
+    monkeypatch.setattr(
+        fastdp.engine.engine, "get_clipping", lambda name, *bound: lambda norms, C, g: torch.ones_like(norms)
+    )
 
 
 def inject_noise_per_micro_batch(monkeypatch: pytest.MonkeyPatch) -> None:
