@@ -100,7 +100,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.model = model
         self.expected_batch_size = int(expected_batch_size)
         self.sample_size = None if sample_size is None else int(sample_size)
-        self.backend = resolve_backend(backend)
+        self.backend = resolve_backend(backend, device=next((p.device for p in model.parameters()), None))
         self._backend_requested = backend != "auto"
         self.accountant = PrivacyAccountant(accountant)
         self.noise_multiplier = self._noise_multiplier(

@@ -84,8 +84,13 @@ def available_backends() -> list[str]:
     return [n for n in _PREFERENCE if n in _AVAILABLE and not _AVAILABLE[n].interpreted]
 
 
-def resolve_backend(name: str = "auto") -> Backend:
+def resolve_backend(name: str = "auto", device: torch.device | str | None = None) -> Backend:
     """Resolve a backend name (or "auto", which honours FASTDP_BACKEND) to an available backend.
+
+    Args:
+        name: "auto" or one of KNOWN.
+        device: where the model's parameters live; "auto" then picks the best backend whose kernels take that device
+            (``cpp`` for a CPU model on a machine with a GPU), else the torch reference. None: the best available.
 
     Raises:
         ValueError: unknown name, or a backend that was explicitly requested and is not available.
@@ -94,7 +99,11 @@ def resolve_backend(name: str = "auto") -> Backend:
         name = os.environ.get("FASTDP_BACKEND", "auto")
         if name == "auto":
             _log_extension_fallback()
-            return _AVAILABLE[available_backends()[0]]
+            if device is None:
+                return _AVAILABLE[available_backends()[0]]
+            kind = torch.device(device).type
+            fits = [n for n in available_backends() if _AVAILABLE[n].device_type in (kind, None)]
+            return _AVAILABLE[fits[0]]
     if name not in KNOWN:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {KNOWN}")
     if name == "triton" and name not in _AVAILABLE:

@@ -98,7 +98,7 @@ class GradSampleEngine:
                 "each layer)"
             )
         self.strategy = strategy
-        self.backend = resolve_backend(backend)
+        self.backend = resolve_backend(backend, device=_device_of(model))
         self.reducer = self.backend.reducer()
         self.kernels = self.backend.layer_kernels()
         self.planner = Planner(
@@ -406,6 +406,12 @@ class _MicroBatch:
                 "micro-batch. Keep the examples in dim 0 of every layer's input."
             )
         return x, m
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter (where "auto" looks for a backend), None without parameters."""
+    p = next(model.parameters(), None)
+    return None if p is None else p.device
 
 
 def _refuse_running_statistics(model: nn.Module) -> None:

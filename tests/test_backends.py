@@ -1,0 +1,50 @@
+"""The backend objects: which one ``auto`` picks, and what each lends the engine and the step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdp
+import fastdp.backends as backends
+from fastdp.backends.compiled import CompiledBackend
+from fastdp.backends.triton import TritonBackend
+
+
+@pytest.fixture
+def gpu_machine(monkeypatch):
+    """This machine as if it also had a GPU with both GPU backends (their kernels are never called here)."""
+    available = dict(backends._AVAILABLE)
+    available["triton"] = TritonBackend(device_type="cuda")
+    available["cuda"] = CompiledBackend("cuda", "cuda")
+    monkeypatch.setattr(backends, "_AVAILABLE", available)
+    monkeypatch.delenv("FASTDP_BACKEND", raising=False)
+
+
+def test_auto_picks_by_the_parameters_device(gpu_machine):
+    cpu_best = "cpp" if "cpp" in backends._AVAILABLE else "torch"
+    assert backends.resolve_backend("auto").name == "triton"  # the best on the machine
+    assert backends.resolve_backend("auto", device="cuda:1").name == "triton"
+    assert backends.resolve_backend("auto", device="cpu").name == cpu_best  # a CPU model on a GPU machine
+    eng = fastdp.GradSampleEngine(torch.nn.Linear(3, 2), max_grad_norm=1.0)
+    assert eng.backend.name == cpu_best
+    opt = fastdp.DPSGD(torch.nn.Linear(3, 2), lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=2)
+    assert opt.backend.name == opt.engine.backend.name == cpu_best
+
+
+def test_each_backend_lends_what_it_has():
+    torch_backend = backends.resolve_backend("torch")
+    assert torch_backend.reducer() is None and torch_backend.layer_kernels() is None
+    p = torch.nn.Parameter(torch.zeros(3))
+    assert torch_backend.fused_step(torch.optim.SGD([p], lr=0.1), [p]) is None
+    triton = TritonBackend(device_type="cuda")
+    # float64 and dampening are not the Triton step's: the torch path takes them
+    q = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    assert not triton.step_takes(torch.optim.SGD([q], lr=0.1), [q])
+    assert not triton.step_takes(torch.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.1), [p])
+    if "cpp" in fastdp.available_backends():
+        cpp = backends.resolve_backend("cpp")
+        assert cpp.reducer() is not None and cpp.layer_kernels() is None
+        assert cpp.fused_step(torch.optim.Adam([p]), [p]) is not None
+        assert cpp.fused_step(torch.optim.Adam([p], amsgrad=True), [p]) is None  # not a kernel's update
+        assert cpp.fused_step(torch.optim.RMSprop([p]), [p]) is None
