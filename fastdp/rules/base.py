@@ -8,6 +8,8 @@ rule's ``Contribution`` per parameter. The autograd weight gradient is therefore
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,9 +17,45 @@ from torch import nn
 from fastdp.engine.interface import Contribution, Cost, LayerCall, LayerFunction, LayerKernels
 
 __all__ = [
-    "Cost", "LayerCall", "LayerFunction", "Rule", "compute_dtype", "known_strategies", "register_rule", "rule_for",
-    "trainable",
+    "Cost", "LayerCall", "LayerFunction", "Rule", "Strategies", "Strategy", "compute_dtype", "known_strategies",
+    "register_rule", "rule_for", "trainable",
 ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One exact way for a rule to form a parameter's contribution.
+
+    ``offered(shape)`` says whether the layer can run it on an input (``shape`` is the rule's summary of the input:
+    sizes, and which backend kernels take it), ``cost(shape)`` is its modelled cost for the plan, and ``contribute``
+    forms the contribution in the backward (its arguments are the rule's).
+    """
+
+    name: str
+    cost: Callable[[Any], Cost]
+    contribute: Callable[..., Any]
+    offered: Callable[[Any], bool] = lambda shape: True
+
+
+class Strategies:
+    """A rule's strategies by name; an unknown name is an error."""
+
+    def __init__(self, *strategies: Strategy) -> None:
+        self._by_name = {s.name: s for s in strategies}
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self._by_name)
+
+    def offer(self, shape: Any) -> dict[str, Cost]:
+        """The candidates of an input, with their costs."""
+        return {n: s.cost(shape) for n, s in self._by_name.items() if s.offered(shape)}
+
+    def __getitem__(self, name: str) -> Strategy:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ValueError(f"unknown strategy {name!r}; this rule has {', '.join(self._by_name)}") from None
 
 
 class Rule:

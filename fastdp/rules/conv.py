@@ -1,7 +1,8 @@
 """nn.Conv1d/2d/3d: per-example weight gradients of a convolution.
 
 After unfolding, a_i is (T, d) with T output positions and d = C_in / groups * prod(kernel), delta_i is (T, p),
-and G_i = delta_i^T a_i as for a linear layer. Strategies (T' = K * T with augmult K):
+and G_i = delta_i^T a_i as for a linear layer. Strategies (T' = K * T with augmult K; objects in ``CONV_STRATEGIES``:
+name, cost, contribution):
 
 - ``keep``   per-example gradients from one grouped convolution-backward that treats every example as its
              own group (batch -> channels), views summed by putting them in the batch dimension; kept until
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ from torch import nn
 from fastdp.engine import costs
 from fastdp.engine.contributions import Kept, accum_dtype, mask_rows
 from fastdp.engine.interface import Contribution, LayerKernels
-from fastdp.rules.base import Cost, LayerCall, Rule, compute_dtype, register_rule, trainable
+from fastdp.rules.base import Cost, LayerCall, Rule, Strategies, Strategy, compute_dtype, register_rule, trainable
 from fastdp.rules.conv_ghost import shifted_ghost, unfolded_ghost
 
 _convolution_backward = torch.ops.aten.convolution_backward
@@ -164,18 +166,26 @@ class ConvBookKeeping(Contribution):
         self.d = mask_rows(self.d, keep, self.augmult)
 
 
-def conv_strategies(
-    module: nn.modules.conv._ConvNd,
-    x: torch.Tensor,
-    augmult: int,
-    kernels: LayerKernels | None = None,
-    per_row: bool = False,
-) -> dict[str, Cost]:
-    """Cost of each strategy minus the ordinary weight gradient it replaces (FLOP-equivalents, bytes).
+@dataclass(frozen=True)
+class ConvShape:
+    """What the strategies' costs and offers depend on (sizes of one input; FLOP-equivalents and bytes)."""
 
-    ``per_row``: the rule needs per-output-row norms (WS convs), which the fused norm kernel does not give apart
-    from the per-example gradients it writes, so ``fused_bk`` is left out.
-    """
+    B: int
+    Tk: int  # K * T output positions per example
+    wgrad: float  # the ordinary weight gradient each strategy replaces
+    kept: float  # bytes of the per-example gradients
+    held: float  # bytes of x and delta kept for book-keeping
+    grouped: float  # per-example gradients by grouped convolutions, and a pass over them
+    unfold: float | None  # the same by unfold + bmm (2D/1D, groups 1), None where not offered
+    ghost: float | None  # the ghost norm of unfolded x and delta, None where not offered
+    shifted: float | None  # the shifted-diagonal ghost norm (stride 1), None where not offered
+    fused_norm: bool  # the backend's implicit-GEMM norm takes the layer
+    per_row: bool  # the rule needs per-output-row norms (WS convs): the fused norm gives none without G_i
+
+
+def conv_shape(
+    module: nn.modules.conv._ConvNd, x: torch.Tensor, augmult: int, kernels: LayerKernels | None, per_row: bool
+) -> ConvShape:
     N = x.shape[0]
     B = N // augmult
     p = module.out_channels
@@ -193,38 +203,128 @@ def conv_strategies(
     # grouped per-example convolutions lose efficiency as the per-example GEMM shrinks (fit: ~1x at T = 1024,
     # ~3x at T = 256, ~8x at T = 64 on the WRN-16-4 layers)
     grouped_eff = max(1.0, 8.0 * math.sqrt(64.0 / T))
-    kept_bytes = B * p * d * esize
-    held_bytes = x_bytes + N * T * p * esize
-    grouped = grouped_eff * wgrad + costs.stream(kept_bytes)
-    out = {"keep": Cost(grouped - wgrad, kept_bytes), "instantiate_bk": Cost(grouped, held_bytes)}
+    kept = B * p * d * esize
+    held = x_bytes + N * T * p * esize
+    unfold = ghost = shifted = None
     if len(module.kernel_size) <= 2 and module.groups == 1:
         unfold_bytes = N * d * T * esize
-        unfold = costs.BMM * wgrad + costs.stream(2 * unfold_bytes + kept_bytes)
-        out["unfold"] = Cost(unfold - wgrad, kept_bytes)
-        out["unfold_bk"] = Cost(unfold, held_bytes)
+        unfold = costs.BMM * wgrad + costs.stream(2 * unfold_bytes + kept)
         ghost = costs.GHOST * 2.0 * B * Tk * Tk * (d + p) + costs.stream(2 * unfold_bytes + N * T * p * esize)
-        out["ghost"] = Cost(ghost, held_bytes)
     if all(s == 1 for s in module.stride):
         # Gram matrices of the input (K I positions) and of delta (K T), and k^n box additions of (K T)^2
         Ik = x[0, 0].numel() * augmult
         grams = costs.GHOST * 2.0 * B * (Ik * Ik * x.shape[1] + Tk * Tk * p)
-        shifts = costs.stream(2 * math.prod(module.kernel_size) * B * module.groups * Tk * Tk * esize)
-        out["shifted_ghost"] = Cost(grams + shifts, held_bytes)
+        shifted = grams + costs.stream(2 * math.prod(module.kernel_size) * B * module.groups * Tk * Tk * esize)
     fused = kernels is not None and kernels.conv2d_norm is not None and len(module.kernel_size) == 2
-    if fused and module.groups == 1 and kernels.takes(x, accum_dtype(module.weight.dtype)):
-        # implicit GEMM: the weight gradient's FLOPs per example, no unfold; writing G_i replaces the weight
-        # gradient, the book-keeping sum replaces it otherwise
-        out["fused_keep"] = Cost(costs.stream(kept_bytes), kept_bytes)
-        if not per_row:
-            out["fused_bk"] = Cost(wgrad, held_bytes)
-    return out
+    fused = fused and module.groups == 1 and kernels.takes(x, accum_dtype(module.weight.dtype))
+    return ConvShape(
+        B=B, Tk=Tk, wgrad=wgrad, kept=kept, held=held, grouped=grouped_eff * wgrad + costs.stream(kept),
+        unfold=unfold, ghost=ghost, shifted=shifted, fused_norm=fused, per_row=per_row,
+    )  # fmt: skip
+
+
+#: what a conv strategy leaves: the weight's contribution, its per-example squared norm ((B,) or per output row
+#: (B, p)) and the per-example gradients if it formed them (None for the ghost norms)
+ConvWeight = tuple[Contribution, torch.Tensor, "torch.Tensor | None"]
+
+
+def _sq(g: torch.Tensor, kept: Kept, per_row: bool) -> torch.Tensor:
+    return torch.linalg.vector_norm(g.flatten(2), dim=2).square() if per_row else kept.sq_norm()
+
+
+def _book_keeping(geom, x, d, sq, augmult, per_row, kernel=None) -> ConvBookKeeping:
+    return ConvBookKeeping(geom, x, d, sq.sum(1) if per_row else sq, augmult, kernel)
+
+
+def _instantiated(by_unfold: bool, book_keeping: bool) -> Callable[..., ConvWeight]:
+    """keep / unfold / instantiate_bk / unfold_bk: G_i by grouped convolutions or unfold + bmm; kept for a weighted
+    reduction, or (book-keeping) only for the norm, the clipped sum being one scaled GEMM later."""
+
+    def contribute(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool) -> ConvWeight:
+        geom: ConvGeometry = call.info["geom"]
+        if by_unfold:
+            a = views_as_positions(geom.unfold(x), augmult)
+            dd = views_as_positions(d.flatten(2), augmult)
+            g = torch.bmm(dd, a.transpose(1, 2)).view(x.shape[0] // augmult, *geom.weight_shape)
+        else:
+            g = geom.per_example_grad_weight(x, d, augmult)
+        kept = Kept(g)
+        sq = _sq(g, kept, per_row)
+        return (_book_keeping(geom, x, d, sq, augmult, per_row), sq, g) if book_keeping else (kept, sq, g)
+
+    return contribute
+
+
+def _ghost(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool) -> ConvWeight:
+    geom: ConvGeometry = call.info["geom"]
+    a = views_as_positions(geom.unfold(x), augmult)
+    sq = unfolded_ghost(a, views_as_positions(d.flatten(2), augmult), per_row)
+    return _book_keeping(geom, x, d, sq, augmult, per_row), sq, None
+
+
+def _shifted_ghost(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool) -> ConvWeight:
+    geom: ConvGeometry = call.info["geom"]
+    sq = shifted_ghost(x, d, geom.kernel, geom.dilation, geom.padding, geom.groups, augmult, per_row)
+    return _book_keeping(geom, x, d, sq, augmult, per_row), sq, None
+
+
+def _fused_keep(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool) -> ConvWeight:
+    geom: ConvGeometry = call.info["geom"]
+    g = x.new_empty(x.shape[0] // augmult, *geom.weight_shape)
+    kept = Kept(g, call.engine.kernels.conv2d_norm(x, d, geom, augmult, g))
+    return kept, _sq(g, kept, per_row), g
+
+
+def _fused_bk(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool) -> ConvWeight:
+    geom, kernels = call.info["geom"], call.engine.kernels
+    sq = kernels.conv2d_norm(x, d, geom, augmult)
+    return ConvBookKeeping(geom, x, d, sq, augmult, kernels.conv2d_bookkeeping), sq, None
+
+
+#: the weight's strategies; costs are FLOP-equivalents minus the ordinary weight gradient each replaces (book-keeping
+#: strategies pay their scaled GEMM, which replaces it). The implicit-GEMM norm runs the weight gradient's FLOPs per
+#: example, no unfold; writing G_i replaces the weight gradient.
+CONV_STRATEGIES = Strategies(
+    Strategy("keep", cost=lambda s: Cost(s.grouped - s.wgrad, s.kept), contribute=_instantiated(False, False)),
+    Strategy("instantiate_bk", cost=lambda s: Cost(s.grouped, s.held), contribute=_instantiated(False, True)),
+    Strategy(
+        "unfold",
+        offered=lambda s: s.unfold is not None,
+        cost=lambda s: Cost(s.unfold - s.wgrad, s.kept),
+        contribute=_instantiated(True, False),
+    ),
+    Strategy(
+        "unfold_bk",
+        offered=lambda s: s.unfold is not None,
+        cost=lambda s: Cost(s.unfold, s.held),
+        contribute=_instantiated(True, True),
+    ),
+    Strategy("ghost", offered=lambda s: s.ghost is not None, cost=lambda s: Cost(s.ghost, s.held), contribute=_ghost),
+    Strategy(
+        "shifted_ghost",
+        offered=lambda s: s.shifted is not None,
+        cost=lambda s: Cost(s.shifted, s.held),
+        contribute=_shifted_ghost,
+    ),
+    Strategy(
+        "fused_keep",
+        offered=lambda s: s.fused_norm,
+        cost=lambda s: Cost(costs.stream(s.kept), s.kept),
+        contribute=_fused_keep,
+    ),
+    # per-row norms (WS convs) need G_i: the fused norm alone gives the example's total only
+    Strategy(
+        "fused_bk",
+        offered=lambda s: s.fused_norm and not s.per_row,
+        cost=lambda s: Cost(s.wgrad, s.held),
+        contribute=_fused_bk,
+    ),  # fmt: skip
+)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
-    strategy_names = frozenset(
-        {"keep", "instantiate_bk", "unfold", "unfold_bk", "ghost", "shifted_ghost", "fused_keep", "fused_bk"}
-    )
+    strategy_names = CONV_STRATEGIES.names
 
     frozen_methods = ("forward", "_conv_forward")
     #: whether contributions take per-output-row norms (weight_contribution's per_row)
@@ -243,7 +343,7 @@ class ConvRule(Rule):
         return x
 
     def strategies(self, module, x, augmult, kernels=None):
-        return conv_strategies(module, x, augmult, kernels, self.per_row_norms)
+        return CONV_STRATEGIES.offer(conv_shape(module, x, augmult, kernels, self.per_row_norms))
 
     def compute(self, call: LayerCall, x: torch.Tensor):
         m = call.module
@@ -260,39 +360,10 @@ class ConvRule(Rule):
 
     def weight_contribution(
         self, call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool = False
-    ) -> tuple[Contribution, torch.Tensor, torch.Tensor | None]:
+    ) -> ConvWeight:
         """The weight's contribution, its per-example squared norm ((B,) or per output row (B, p)) and the
-        per-example gradients if the strategy formed them (None for ghost)."""
-        geom: ConvGeometry = call.info["geom"]
-        B = x.shape[0] // augmult
-        kernels = call.engine.kernels
-        if call.strategy == "fused_bk":
-            sq = kernels.conv2d_norm(x, d, geom, augmult)
-            return ConvBookKeeping(geom, x, d, sq, augmult, kernels.conv2d_bookkeeping), sq, None
-        if call.strategy == "fused_keep":
-            g = x.new_empty(B, *geom.weight_shape)
-            kept = Kept(g, kernels.conv2d_norm(x, d, geom, augmult, g))
-            sq = torch.linalg.vector_norm(g.flatten(2), dim=2).square() if per_row else kept.sq_norm()
-            return kept, sq, g
-        if call.strategy in GHOST_STRATEGIES:
-            if call.strategy == "ghost":
-                a = views_as_positions(geom.unfold(x), augmult)
-                sq = unfolded_ghost(a, views_as_positions(d.flatten(2), augmult), per_row)
-            else:
-                sq = shifted_ghost(x, d, geom.kernel, geom.dilation, geom.padding, geom.groups, augmult, per_row)
-            return ConvBookKeeping(geom, x, d, sq if not per_row else sq.sum(1), augmult), sq, None
-        if call.strategy in ("unfold", "unfold_bk"):
-            a = views_as_positions(geom.unfold(x), augmult)
-            dd = views_as_positions(d.flatten(2), augmult)
-            g = torch.bmm(dd, a.transpose(1, 2)).view(B, *geom.weight_shape)
-        else:
-            g = geom.per_example_grad_weight(x, d, augmult)
-        kept = Kept(g)
-        sq = torch.linalg.vector_norm(g.flatten(2), dim=2).square() if per_row else kept.sq_norm()
-        if call.strategy in ("instantiate_bk", "unfold_bk"):
-            # the per-example gradients only served the norm; the clipped sum is one scaled GEMM later
-            return ConvBookKeeping(geom, x, d, sq if not per_row else sq.sum(1), augmult), sq, g
-        return kept, sq, g
+        per-example gradients if the strategy formed them (None for the ghost norms)."""
+        return CONV_STRATEGIES[call.strategy].contribute(call, x, d, augmult, per_row)
 
     def contributions(self, call: LayerCall, saved: Sequence[torch.Tensor], grad_out: torch.Tensor, augmult: int):
         m = call.module

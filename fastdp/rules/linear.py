@@ -4,7 +4,7 @@ With augmentation multiplicity K the K views of an example are rows i*K..i*K+K-1
 per example (the 1/K of the mean is applied by the engine), which is the same as treating the views as
 K*T positions of one example: a_i is (K*T, d), delta_i is (K*T, p).
 
-Strategies (T' = K*T):
+Strategies (T' = K*T; objects in ``LINEAR_STRATEGIES``: name, cost, contribution):
 - ``ghost``: ||G_i||^2 = sum_{t,s} (a_t . a_s)(delta_t . delta_s), 2 T'^2 (d + p) per example; for T' = 1 it is
   ||a_i||^2 ||delta_i||^2. The clipped sum is one GEMM with the output grads scaled per example (book-keeping).
 - ``keep``: G_i by bmm (2 T' d p per example), kept until the clip step; the clipped sum is a weighted
@@ -20,6 +20,7 @@ ghost norm without the T' x T' Grams in memory, then the book-keeping kernel).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from torch import nn
 from fastdp.engine import costs
 from fastdp.engine.contributions import Kept, accum_dtype, mask_rows, sq_norms
 from fastdp.engine.interface import Contribution, LayerKernels
-from fastdp.rules.base import Cost, LayerCall, Rule, compute_dtype, register_rule, trainable
+from fastdp.rules.base import Cost, LayerCall, Rule, Strategies, Strategy, compute_dtype, register_rule, trainable
 
 
 def ghost_sq_norms(a: torch.Tensor, d: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
@@ -69,9 +70,102 @@ class LinearBookKeeping(Contribution):
         self.a, self.d = mask_rows(self.a, keep), mask_rows(self.d, keep)
 
 
+@dataclass(frozen=True)
+class LinearShape:
+    """What the strategies' costs and offers depend on: B examples of T' = K*T rows, d inputs, p outputs, and
+    which of the backend's kernels take the input."""
+
+    B: int
+    Tk: int
+    d: int
+    p: int
+    rows: int  # N*T, the rows of the ordinary weight-gradient GEMM
+    norm_kernel: bool
+    ghost_kernel: bool
+    esize: int = 4
+
+    @property
+    def wgrad(self) -> float:
+        return costs.gemm(self.p, self.d, self.rows)
+
+    @property
+    def held(self) -> float:  # bytes of a and delta kept for book-keeping
+        return self.rows * (self.d + self.p) * self.esize
+
+    @property
+    def kept(self) -> float:  # bytes of the per-example gradients
+        return self.B * self.p * self.d * self.esize
+
+    @property
+    def bmm(self) -> float:  # G_i by bmm, then a pass over them
+        return costs.BMM * 2.0 * self.B * self.Tk * self.d * self.p + costs.stream(self.kept)
+
+    @property
+    def ghost(self) -> float:
+        return (
+            costs.GHOST * 2.0 * self.B * self.Tk * self.Tk * (self.d + self.p)
+            + self.wgrad
+            + costs.stream(self.rows * self.p * self.esize)
+        )
+
+
+def _fused_keep(call: LayerCall, a: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> Contribution:
+    g = a.new_empty(a.shape[0], d.shape[2], a.shape[2])
+    sq = call.engine.kernels.linear_norm(a, d, g)
+    return Kept(g.to(dtype), sq)
+
+
+def _fused_bk(norm: str) -> Callable:
+    def contribute(call: LayerCall, a: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> Contribution:
+        kernels = call.engine.kernels
+        return LinearBookKeeping(a, d, getattr(kernels, norm)(a, d), kernels.linear_bookkeeping)
+
+    return contribute
+
+
+#: the weight's strategies; costs are FLOP-equivalents minus the ordinary weight gradient each replaces. The fused
+#: norm kernel runs the weight gradient's FLOPs as one GEMM per example: writing G_i replaces the weight gradient, the
+#: book-keeping GEMM replaces it otherwise.
+LINEAR_STRATEGIES = Strategies(
+    Strategy(
+        "ghost",
+        cost=lambda s: Cost(s.ghost - s.wgrad, s.held),
+        contribute=lambda call, a, d, dtype: LinearBookKeeping(a, d, ghost_sq_norms(a, d)),
+    ),
+    Strategy(
+        "keep",
+        cost=lambda s: Cost(s.bmm - s.wgrad, s.kept),
+        contribute=lambda call, a, d, dtype: Kept(torch.bmm(d.transpose(1, 2), a).to(dtype)),
+    ),
+    Strategy(
+        "instantiate_bk",
+        cost=lambda s: Cost(s.bmm, s.held),
+        contribute=lambda call, a, d, dtype: LinearBookKeeping(a, d, sq_norms(torch.bmm(d.transpose(1, 2), a))),
+    ),
+    Strategy(
+        "fused_keep",
+        offered=lambda s: s.norm_kernel,
+        cost=lambda s: Cost(costs.stream(s.kept), s.kept),
+        contribute=_fused_keep,
+    ),
+    Strategy(
+        "fused_bk",
+        offered=lambda s: s.norm_kernel,
+        cost=lambda s: Cost(s.wgrad, s.held),
+        contribute=_fused_bk("linear_norm"),
+    ),  # fmt: skip
+    Strategy(
+        "fused_ghost",
+        offered=lambda s: s.ghost_kernel and s.Tk > 1,
+        cost=lambda s: Cost(2.0 * s.B * s.Tk * s.Tk * (s.d + s.p), s.held),
+        contribute=_fused_bk("linear_ghost_norm"),
+    ),
+)
+
+
 @register_rule(nn.Linear)
 class LinearRule(Rule):
-    strategy_names = frozenset({"ghost", "keep", "instantiate_bk", "fused_keep", "fused_bk", "fused_ghost"})
+    strategy_names = LINEAR_STRATEGIES.names
 
     def check(self, module: nn.Linear) -> None:
         pass
@@ -82,28 +176,13 @@ class LinearRule(Rule):
         d, p = module.in_features, module.out_features
         N = x.shape[0]
         T = x[0].numel() // d if N else 1
-        B, Tk = N // augmult, T * augmult
-        esize = 4
-        ghost_time = (
-            costs.GHOST * 2.0 * B * Tk * Tk * (d + p) + costs.gemm(p, d, N * T) + costs.stream(N * T * p * esize)
-        )
-        keep_time = costs.BMM * 2.0 * B * Tk * d * p + costs.stream(B * p * d * esize)
-        wgrad = costs.gemm(p, d, N * T)
-        held = N * T * (d + p) * esize
-        out = {
-            "ghost": Cost(ghost_time - wgrad, held),
-            "keep": Cost(keep_time - wgrad, B * p * d * esize),
-            "instantiate_bk": Cost(keep_time, held),
-        }
-        if kernels is not None and kernels.takes(x, accum_dtype(module.weight.dtype)):
-            if kernels.linear_norm is not None:
-                # the norm kernel runs the weight gradient's FLOPs as one GEMM per example; writing G_i replaces the
-                # weight gradient, the book-keeping GEMM replaces it otherwise
-                out["fused_keep"] = Cost(costs.stream(B * p * d * esize), B * p * d * esize)
-                out["fused_bk"] = Cost(wgrad, held)
-            if kernels.linear_ghost_norm is not None and Tk > 1:
-                out["fused_ghost"] = Cost(2.0 * B * Tk * Tk * (d + p), held)
-        return out
+        takes = kernels is not None and kernels.takes(x, accum_dtype(module.weight.dtype))
+        shape = LinearShape(
+            B=N // augmult, Tk=T * augmult, d=d, p=p, rows=N * T,
+            norm_kernel=takes and kernels.linear_norm is not None,
+            ghost_kernel=takes and kernels.linear_ghost_norm is not None,
+        )  # fmt: skip
+        return LINEAR_STRATEGIES.offer(shape)
 
     def compute(self, call: LayerCall, x: torch.Tensor):
         m = call.module
@@ -127,24 +206,11 @@ class LinearRule(Rule):
         B = x.shape[0] // augmult
         a = x.reshape(B, -1, m.in_features).to(acc)
         d = grad_out.reshape(B, -1, m.out_features).to(acc)
-        kernels = call.engine.kernels
+        weight = LINEAR_STRATEGIES[call.strategy].contribute
         out: list = []
         for name, p in trainable(m, "weight", "bias"):
             if name == "bias":
                 out.append((p, Kept(d.sum(1).to(p.dtype))))
-            elif call.strategy == "fused_keep":
-                g = a.new_empty(B, m.out_features, m.in_features)
-                sq = kernels.linear_norm(a, d, g)
-                out.append((p, Kept(g.to(p.dtype), sq)))
-            elif call.strategy == "fused_bk":
-                out.append((p, LinearBookKeeping(a, d, kernels.linear_norm(a, d), kernels.linear_bookkeeping)))
-            elif call.strategy == "fused_ghost":
-                out.append((p, LinearBookKeeping(a, d, kernels.linear_ghost_norm(a, d), kernels.linear_bookkeeping)))
-            elif call.strategy == "keep":
-                out.append((p, Kept(torch.bmm(d.transpose(1, 2), a).to(p.dtype))))
-            elif call.strategy == "instantiate_bk":
-                sq = sq_norms(torch.bmm(d.transpose(1, 2), a))
-                out.append((p, LinearBookKeeping(a, d, sq)))
             else:
-                out.append((p, LinearBookKeeping(a, d, ghost_sq_norms(a, d))))
+                out.append((p, weight(call, a, d, p.dtype)))
         return out
