@@ -103,6 +103,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self.backend = resolve_backend(backend, device=next((p.device for p in model.parameters()), None))
         self._backend_requested = backend != "auto"
         self.accountant = PrivacyAccountant(accountant)
+        #: the steps sigma was calibrated for (ceil(epochs N / B) with epochs); None when sigma was given.
+        #: Draw the sampler's steps from it: more steps spend more than target_epsilon (step() warns once)
+        self.calibrated_steps: int | None = None
+        self.target_epsilon = target_epsilon
         self.noise_multiplier = self._noise_multiplier(
             noise_multiplier, target_epsilon, target_delta, steps, epochs, accountant
         )
@@ -184,6 +188,7 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         q = self.expected_batch_size / self.sample_size
         total = steps if steps is not None else steps_for_epochs(epochs, q)
+        self.calibrated_steps = int(total)
         return calibrate_noise_multiplier(target_epsilon, target_delta, q, total, mechanism=mechanism)
 
     @torch.no_grad()
@@ -221,6 +226,13 @@ class DPOptimizer(torch.optim.Optimizer):
             )
         if self.sample_rate is not None:
             self.accountant.step(self.sample_rate, self.noise_multiplier)
+        if self.calibrated_steps is not None and self.steps_taken == self.calibrated_steps + 1:
+            warnings.warn(
+                f"fastdp: step {self.steps_taken} is past the {self.calibrated_steps} steps sigma was calibrated for: "
+                f"epsilon now exceeds target_epsilon={self.target_epsilon} (opt.epsilon(delta) says how far). Take "
+                "the sampler's steps from opt.calibrated_steps.",
+                stacklevel=3,  # the caller of step(), past torch.no_grad's wrapper
+            )
 
     def _torch_step(self, summed: dict[nn.Parameter, torch.Tensor], std: float) -> None:
         # with several ranks only rank 0 adds noise, before the sums are added up: the total carries it once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -402,3 +403,27 @@ def test_fused_step_keeps_state_of_mixed_phases_as_torch_does(name):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
         for key, value in opts["torch"].inner.state[p].items():
             torch.testing.assert_close(opts["cpp"].inner.state[q][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [{"steps": 7}, {"epochs": 0.5}])
+def test_calibrated_steps_is_the_calibration_length_and_one_step_more_warns_once(length):
+    # epochs 0.5 of N = 1000 at B = 30: ceil(0.5 * 1000 / 30) = 17 steps (a sampler's len(...) gives none of them)
+    model = Conv2dNet()
+    dp = dict(max_grad_norm=1.0, expected_batch_size=30, sample_size=1000, target_delta=1e-5, **length)
+    opt = fastdp.DPSGD(model, lr=0.1, target_epsilon=4.0, **dp)
+    expected = length.get("steps", 17)
+    assert opt.calibrated_steps == expected
+    assert compute_epsilon(opt.noise_multiplier, 0.03, expected, 1e-5) <= 4.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(expected):
+            opt.step()
+    with pytest.warns(UserWarning, match=f"step {expected + 1} is past the {expected} steps sigma was calibrated for"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        opt.step()
+    assert opt.epsilon(1e-5) > 4.0
+    # a given sigma has no calibrated length and never warns
+    given = fastdp.DPSGD(Conv2dNet(), lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=30)
+    assert given.calibrated_steps is None
