@@ -150,6 +150,18 @@ def main() -> None:
         description="Exact, fast differentially private training (DP-SGD) for PyTorch",
         long_description=open(os.path.join(ROOT, "README.md")).read(),
         long_description_content_type="text/markdown",
+        license="Apache-2.0",
+        license_files=["LICENSE"],
+        author="fastdp maintainers",
+        keywords=["differential privacy", "DP-SGD", "pytorch", "deep learning"],
+        classifiers=[
+            "Development Status :: 3 - Alpha",
+            "Intended Audience :: Science/Research",
+            "Programming Language :: Python :: 3",
+            "Programming Language :: C++",
+            "Topic :: Scientific/Engineering :: Artificial Intelligence",
+            "Topic :: Security",
+        ],
         python_requires=">=3.10",
         packages=packages,
         package_dir={"fastdp.kernels": "kernels"},
@@ -165,15 +177,10 @@ def main() -> None:
             "pillow",
         ],  # fmt: skip
         extras_require={
+            # the Triton backend (a GPU); also what runs the Triton kernels' tests on a CPU under TRITON_INTERPRET=1,
+            # which .ci/run installs: ".[test,triton]" (the kernel tests skip without it). Not in "test": ~1 GB
             "triton": ["triton>=3.0"],
-            # Triton too: its kernels are tested on the CPU under TRITON_INTERPRET=1 (x86-64 Linux wheels)
-            "test": [
-                "pytest",
-                "pytest-benchmark",
-                "opacus>=1.5",
-                "scikit-learn",
-                "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
-            ],
+            "test": ["pytest", "pytest-benchmark", "opacus>=1.5", "scikit-learn"],
         },
         entry_points={"console_scripts": ["fastdp-train = fastdp.train:cli"]},
     )

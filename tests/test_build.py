@@ -159,3 +159,28 @@ def test_pytest_refuses_to_run_without_the_extension_when_required(required):
         assert "FASTDP_REQUIRE_EXT=1 but fastdp._C did not load (ImportError: _C.so: undefined symbol" in proc.stdout
     else:
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- package metadata
+def test_license_and_metadata(setup_py, monkeypatch):
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    got = {}
+    monkeypatch.setenv("FASTDP_SKIP_EXT", "1")
+    monkeypatch.setattr(setup_py, "setup", lambda **kw: got.update(kw))
+    setup_py.main()
+    assert got["license"] == "Apache-2.0" and got["license_files"] == ["LICENSE"]
+    assert got["author"] and got["description"] and got["classifiers"]
+
+
+def test_the_test_extra_is_light_and_ci_installs_triton_explicitly(setup_py, monkeypatch):
+    got = {}
+    monkeypatch.setenv("FASTDP_SKIP_EXT", "1")
+    monkeypatch.setattr(setup_py, "setup", lambda **kw: got.update(kw))
+    setup_py.main()
+    extras = got["extras_require"]
+    # pip install ".[test]" must not pull Triton (~1 GB) onto a CPU-only machine; the triton extra has it
+    assert not any(req.startswith("triton") for req in extras["test"])
+    assert any(req.startswith("triton") for req in extras["triton"])
+    assert 'pip install --quiet --no-build-isolation -e ".[test,triton]"' in (ROOT / ".ci" / "run").read_text()
