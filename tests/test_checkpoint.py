@@ -13,7 +13,14 @@ import torch
 from conftest import Payload, write_payload
 
 import fastdp.checkpoint
-from fastdp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fastdp.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_latest_checkpoint,
+    previous_path,
+    remove_temporaries,
+    save_checkpoint,
+)
 
 
 def test_round_trip(tmp_path):
@@ -78,7 +85,7 @@ def test_a_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_pa
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content", [b"not a checkpoint at all\n" * 4, None])
+@pytest.mark.parametrize("content", [b"not a checkpoint at all\n" * 4, b"torn too", None])
 def test_a_damaged_checkpoint_is_refused_with_its_path(tmp_path, content):
     path = tmp_path / "last.pt"
     if content is None:  # truncated
@@ -93,3 +100,47 @@ def test_a_damaged_checkpoint_is_refused_with_its_path(tmp_path, content):
 def test_missing_checkpoint_says_what_to_pass(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_the_previous_checkpoint_is_kept_and_read_when_the_newest_is_torn(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1}, keep_previous=True)
+    assert not previous_path(path).exists()  # nothing to keep yet
+    save_checkpoint(path, {"step": 2}, keep_previous=True)
+    save_checkpoint(path, {"step": 3}, keep_previous=True)
+    assert load_checkpoint(previous_path(path))["step"] == 2 and load_checkpoint(path)["step"] == 3
+    assert stat.S_IMODE(previous_path(path).stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.prev.pt", "last.pt"]
+    assert load_latest_checkpoint(path) == ({"step": 3}, path, None)
+    path.write_bytes(path.read_bytes()[:100])  # torn
+    state, read, note = load_latest_checkpoint(path)
+    assert state == {"step": 2} and read == previous_path(path)
+    assert note == f"{path} is damaged; resuming from the previous checkpoint {previous_path(path)}"
+    previous_path(path).write_bytes(b"torn too")
+    with pytest.raises(CheckpointError, match=f"^{path} is not a fastdp checkpoint"):  # the newest's error
+        load_latest_checkpoint(path)
+
+
+def test_a_failed_write_keeps_both_checkpoints(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1}, keep_previous=True)
+    save_checkpoint(path, {"step": 2}, keep_previous=True)
+
+    def full_disk(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fastdp.checkpoint.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"step": 3}, keep_previous=True)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 2 and load_checkpoint(previous_path(path))["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.prev.pt", "last.pt"]
+
+
+def test_remove_temporaries_deletes_what_a_killed_write_leaves(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", {"step": 1})
+    for name in (".last.pt.abc123.tmp", ".last.prev.pt.x.tmp"):
+        (tmp_path / name).write_bytes(b"PK half")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    assert sorted(remove_temporaries(tmp_path)) == [".last.prev.pt.x.tmp", ".last.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
