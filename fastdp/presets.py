@@ -10,57 +10,100 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+#: what the command line accepts for the fields with a fixed set of values (fastdp-train checks them up front,
+#: before importing torch; tests/test_train_cli.py keeps them equal to the registries they name)
+DATASETS = ("digits", "cifar10", "imagenette", "imagenet")  # fastdp.data.DATASETS
+MODELS = ("digits_cnn", "wrn-16-4", "wrn-40-4", "smoothnet_v1", "nf_resnet50", "nfnet-f0", "nfnet-f1", "nfnet-f2",
+          "nfnet-f3")  # fastdp.models.MODEL_NAMES, and any wrn-<depth>-<width>  # fmt: skip
+ACCOUNTANTS = ("pld", "rdp")  # fastdp.accounting.MECHANISMS
+CLIPPINGS = ("flat", "automatic")
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")  # fastdp.backends.KNOWN and auto
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadam")
+LR_SCHEDULES = ("constant", "cosine")
+AMPS = ("none", "bf16")
+
+
+def _opt(default, help: str, choices: tuple[str, ...] | None = None, **kw):
+    """A TrainConfig field with its --help text (fastdp-train adds the default) and its allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices}, **kw)
+
 
 @dataclass
 class TrainConfig:
-    """One DP training run. Sizes are in examples unless they say rows (rows = examples x augmult)."""
+    """One DP training run. Sizes are in examples unless they say rows (rows = examples x augmult).
+
+    Each field is a command-line option of fastdp-train (``out_dir`` is ``--out-dir``); its metadata holds the
+    option's help text and, for a fixed set of values, the choices.
+    """
 
     # what
-    dataset: str = "digits"
-    data_root: str | None = None
-    image_size: int | None = None
-    model: str = "digits_cnn"
-    checkpoint: str | None = None  # a local timm-layout checkpoint to fine-tune from
+    dataset: str = _opt("digits", "training data, read from a local folder (nothing is downloaded)", DATASETS)
+    data_root: str | None = _opt(
+        None, "folder of the dataset; none: $FASTDP_DATA/<dataset>, FASTDP_DATA defaulting to ~/.cache/fastdp/data"
+    )
+    image_size: int | None = _opt(
+        None, "side of the square images of imagenette/imagenet (none: 224); digits and cifar10 keep their size"
+    )
+    model: str = _opt("digits_cnn", "architecture (or any wrn-<depth>-<width>, depth = 6n+4)", MODELS)
+    checkpoint: str | None = _opt(None, "a local timm-layout state_dict to fine-tune from (none: from scratch)")
     # privacy
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    noise_multiplier: float | None = None  # None: calibrated to (epsilon, delta) over the run's steps
-    accountant: str = "pld"
-    max_grad_norm: float = 1.0
-    clipping: str = "flat"
-    autotune: bool = True  # time each layer's strategies once; False: the cost model (same plan in every process)
-    backend: str = "auto"  # kernels of the plan and the step (fastdp.backends): auto, torch, cpp, cuda, triton
+    epsilon: float = _opt(8.0, "target epsilon of (epsilon, delta)-DP for the whole run (> 0)")
+    delta: float = _opt(1e-5, "target delta, in (0, 1); choose it well below 1/N")
+    noise_multiplier: float | None = _opt(
+        None,
+        "sigma (noise std / C); none: calibrated so that the run ends at the target epsilon. With a given "
+        "sigma the run stops before the step that would exceed it",
+    )
+    accountant: str = _opt("pld", "privacy accountant of dp-accounting: pld (tight) or rdp (looser, faster)",
+                           ACCOUNTANTS)  # fmt: skip
+    max_grad_norm: float = _opt(1.0, "clipping bound C of each example's gradient (> 0)")
+    clipping: str = _opt("flat", "flat: min(1, C/|g|); automatic: C / (|g| + gamma)", CLIPPINGS)
+    autotune: bool = _opt(
+        True,
+        "time each layer's strategies once per input shape; --no-autotune: the analytic cost model (the same "
+        "plan in every process)",
+    )
+    backend: str = _opt(
+        "auto", "kernels of the per-layer plan and the step (auto: the best available); kept on --resume", BACKENDS
+    )
     # schedule
-    batch_size: int = 256  # expected logical batch (Poisson)
-    max_physical_batch: int = 256  # rows per forward/backward
-    augmult: int = 1
-    epochs: float | None = 40.0
-    steps: int | None = None  # overrides epochs
+    batch_size: int = _opt(256, "expected logical batch B in examples (Poisson sampling, q = B/N)")
+    max_physical_batch: int = _opt(256, "rows per forward/backward (memory); does not change the result")
+    augmult: int = _opt(1, "augmentation multiplicity K: views per example, their gradients averaged, clipped once")
+    epochs: float | None = _opt(40.0, "training length in epochs (steps: round(epochs N / B)); none: give --steps")
+    steps: int | None = _opt(None, "training length in steps; overrides --epochs")
     # optimiser
-    optimizer: str = "sgd"
-    lr: float = 2.0
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant | cosine
-    warmup_steps: int = 0
-    ema_decay: float | None = None  # e.g. 0.9999; evaluated next to the raw weights
-    ema_warmup: bool = True
+    optimizer: str = _opt("sgd", "the optimizer under DP", OPTIMIZERS)
+    lr: float = _opt(2.0, "learning rate (finite, >= 0)")
+    momentum: float = _opt(0.0, "SGD momentum (>= 0)")
+    nesterov: bool = _opt(False, "Nesterov momentum (SGD, needs --momentum > 0)")
+    weight_decay: float = _opt(0.0, "weight decay (>= 0)")
+    lr_schedule: str = _opt("constant", "learning-rate schedule after the warm-up", LR_SCHEDULES)
+    warmup_steps: int = _opt(0, "steps of linear learning-rate warm-up")
+    ema_decay: float | None = _opt(
+        None,
+        "decay of an exponential moving average of the parameters, evaluated next to them (e.g. 0.9999; none: no EMA)",
+    )
+    ema_warmup: bool = _opt(True, "EMA decay warm-up (min(decay, (1+t)/(10+t)))")
     # augmentation (per view)
-    crop_padding: int = 0
-    flip: bool = False
+    crop_padding: int = _opt(0, "random crops after zero-padding by this many pixels (0: no crop)")
+    flip: bool = _opt(False, "random horizontal flips")
     # run
-    seed: int = 0  # model initialisation and augmentation
+    seed: int = _opt(0, "seed of the model's initialisation and the augmentation (>= 0)")
     # seeds the Poisson sampling and the noise. None (default): drawn from OS entropy, because anyone who knew it
     # could tell which examples each step used and subtract the noise. Fix it only for tests and debugging.
-    secret_seed: int | None = None
-    device: str = "cpu"
-    amp: str = "none"  # none | bf16
-    threads: int | None = None  # CPU threads (None: torch's default)
-    eval_every: int = 0  # steps between evaluations (0: ten times per run)
-    checkpoint_every: int = 0  # steps between checkpoints (0: at the end only)
-    dist_timeout: float = 1800.0  # seconds a collective waits for a failed or stalled rank (torchrun jobs)
-    stop_at_step: int | None = None  # end this invocation after that step (resume later with --resume)
+    secret_seed: int | None = _opt(
+        None,
+        "seed of the Poisson sampling and the noise; none: OS entropy. Anyone who knows it can tell which "
+        "examples each step used and subtract the noise: fix it only for tests and debugging",
+    )
+    device: str = _opt("cpu", "cpu, cuda or cuda:<index>")
+    amp: str = _opt("none", "autocast of the forward and backward (the clipping stays in fp32)", AMPS)
+    threads: int | None = _opt(None, "CPU threads; none: torch's default")
+    eval_every: int = _opt(0, "steps between evaluations on the test split (0: ten per run)")
+    checkpoint_every: int = _opt(0, "steps between checkpoints (0: at the end only)")
+    dist_timeout: float = _opt(1800.0, "seconds a torchrun job waits for a failed or stalled rank before it stops")
+    stop_at_step: int | None = _opt(None, "end this invocation after that step (continue later with --resume)")
     # stop after this many steps in a row in which every example's gradient was non-finite (noise-only steps)
     max_nonfinite_steps: int = field(
         default=10,
@@ -83,7 +126,7 @@ class TrainConfig:
             "not computed at all (no host sync per micro-batch). Kept on --resume (default: off)"
         },
     )
-    out_dir: str | None = None  # default runs/<preset>-<time>
+    out_dir: str | None = _opt(None, "the run folder (created 0700); none: runs/<preset>-<date>-<time>")
     # documentation
     target: str = ""
     h100_hours: str = ""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import write_payload
 
-import fastdp.train
+import fastdp.trainer
 from fastdp.accounting import compute_epsilon
 from fastdp.checkpoint import load_checkpoint, save_checkpoint
 from fastdp.presets import PRESETS
@@ -235,7 +235,7 @@ def test_resume_of_another_programs_checkpoint_is_a_one_line_error(tmp_path):
 # ---------------------------------------------------------------------------------------------- non-finite gradients
 def _poison_training_rows(monkeypatch, rows: slice) -> None:
     """Make ``rows`` of every training chunk NaN after normalisation (evaluation runs under no_grad and stays clean)."""
-    real = fastdp.train.normalize
+    real = fastdp.trainer.normalize
 
     def normalize(x, mean, std):
         out = real(x, mean, std)
@@ -243,7 +243,7 @@ def _poison_training_rows(monkeypatch, rows: slice) -> None:
             out[rows] = float("nan")
         return out
 
-    monkeypatch.setattr(fastdp.train, "normalize", normalize)
+    monkeypatch.setattr(fastdp.trainer, "normalize", normalize)
 
 
 NONFINITE = ["--noise-multiplier", "1", "--epsilon", "50", "--no-autotune", "--secret-seed", "5", *QUICK]

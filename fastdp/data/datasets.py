@@ -19,12 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fastdp.data import cifar10, image_folder
 from fastdp.data.cifar10 import load_cifar10
 from fastdp.data.digits import load_digits
-from fastdp.data.image_dataset import ImageDataset, data_root
+from fastdp.data.image_dataset import DatasetNotFound, ImageDataset, data_root
 from fastdp.data.image_folder import load_imagenet, load_imagenette
 
-__all__ = ["DATASETS", "load_dataset"]
+__all__ = ["DATASETS", "check_dataset", "load_dataset"]
 
 Loader = Callable[..., tuple[ImageDataset, ImageDataset]]
 
@@ -109,3 +110,33 @@ def load_dataset(
         raise TypeError(f"load_dataset({key!r}) got unknown option(s) {unknown}; {key} accepts: {accepted}.")
     path = data_root(key) if root is None else Path(root).expanduser()
     return loader(path, image_size, seed, **options)
+
+
+def check_dataset(name: str, root: str | Path | None = None) -> None:
+    """Checks that the files ``load_dataset(name, root)`` reads first are where it looks, without reading them.
+
+    Cheap (a few ``stat`` calls), for a command line to report a missing dataset before any work; a malformed file is
+    only found by :func:`load_dataset`.
+
+    Raises:
+        DatasetNotFound: as :func:`load_dataset` would for a missing folder or file.
+        ValueError: unknown dataset name.
+    """
+    key = str(name).lower()
+    if key not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}.")
+    path = data_root(key) if root is None else Path(root).expanduser()
+    if key == "cifar10":
+        folder = cifar10._find_folder(path)
+        for f in (*cifar10.TRAIN_FILES, cifar10.TEST_FILE):
+            if not (folder / f).is_file():
+                raise DatasetNotFound(
+                    "cifar10", "missing file", folder / f, layout=cifar10.LAYOUT, source=cifar10.SOURCE, root=path
+                )
+    elif key in ("imagenette", "imagenet"):
+        layout = image_folder.IMAGENETTE_LAYOUT if key == "imagenette" else image_folder.IMAGENET_LAYOUT
+        source = image_folder.IMAGENETTE_SOURCE if key == "imagenette" else image_folder.IMAGENET_SOURCE
+        for where, problem in ((path, "missing dataset root folder"), (path / "train", "missing folder"),
+                               (path / "val", "missing folder")):  # fmt: skip
+            if not where.is_dir():
+                raise DatasetNotFound(key, problem, where, layout=layout, source=source, root=path)

@@ -66,16 +66,22 @@ class DatasetNotFound(FileNotFoundError):
     def __init__(
         self, dataset: str, problem: str, path: str | Path, *, layout: str, source: str, root: str | Path | None
     ) -> None:
-        message = f"{dataset}: {problem}: {path}\n  Expected layout: {layout}\n  Get it: {source}"
-        if root is not None:
-            message += (
-                f"\n  Put it under the dataset root {root} (pass root=... to load_dataset, or set {DATA_ENV}=<dir> to "
-                f"use <dir>/{dataset}; without it the root is {DEFAULT_DATA_DIR}/{dataset}). Nothing is downloaded."
-            )
-        super().__init__(message)
+        self._parts = (dataset, problem, path, layout, source, root)
+        super().__init__(self.describe())
         self.filename = str(path)
         self.dataset = dataset
         self.problem = problem
+
+    def describe(self, root_option: str = "root=... to load_dataset") -> str:
+        """The message, with ``root_option`` as the way to give the root (fastdp-train: ``--data-root DIR``)."""
+        dataset, problem, path, layout, source, root = self._parts
+        message = f"{dataset}: {problem}: {path}\n  Expected layout: {layout}\n  Get it: {source}"
+        if root is not None:
+            message += (
+                f"\n  Put it under the dataset root {root} (pass {root_option}, or set {DATA_ENV}=<dir> to "
+                f"use <dir>/{dataset}; without it the root is {DEFAULT_DATA_DIR}/{dataset}). Nothing is downloaded."
+            )
+        return message
 
     def __str__(self) -> str:
         # OSError's own __str__ would print "[Errno None] ..." once filename is set.
