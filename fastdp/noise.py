@@ -14,8 +14,9 @@ to a few float32 ulp).
 
 ``secure=True`` draws from the operating system's entropy (os.urandom) and turns it into normals with
 Box-Muller in float64 on the host: no seed to steal or replay. Cost: 16 bytes of OS entropy per two
-coordinates plus a host-to-device copy, roughly 50-100 ms per million parameters on a CPU core, so a 10M
-parameter model pays about a second per step. Not reproducible by construction, so it has no state.
+coordinates plus a host-to-device copy: 150-210 ms per million parameters per step measured on a 2-core CPU under load
+(bench/bench_secure_rng.py; the Philox stream: 1-20 ms), so a 10M parameter model pays 1.5-2 s per step. Not
+reproducible by construction, so it has no state.
 """
 
 from __future__ import annotations

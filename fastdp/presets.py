@@ -66,6 +66,12 @@ class TrainConfig:
     backend: str = _opt(
         "auto", "kernels of the per-layer plan and the step (auto: the best available); kept on --resume", BACKENDS
     )
+    secure_rng: bool = _opt(
+        False,
+        "draw the noise from OS entropy (os.urandom, Box-Muller on the host) instead of the seeded Philox stream: "
+        "no seed in the checkpoint to steal, not reproducible, and slower (0.15-0.5 s per million parameters per "
+        "step on a CPU core; bench/bench_secure_rng.py); kept on --resume",
+    )
     # schedule
     batch_size: int = _opt(256, "expected logical batch B in examples (Poisson sampling, q = B/N)")
     max_physical_batch: int = _opt(256, "rows per forward/backward (memory); does not change the result")

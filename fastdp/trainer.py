@@ -245,7 +245,7 @@ def _setup(cfg: TrainConfig, preset: str, resume: dict | None) -> _Run:
         # the noise and sampling generators' states are in the checkpoint, so a resumed run continues both streams
         # (a checkpoint is therefore as private as the training data)
         clipping=cfg.clipping, accountant=cfg.accountant, seed=seeds["noise"], sample_size=n,
-        autotune=cfg.autotune, backend=cfg.backend,
+        autotune=cfg.autotune, backend=cfg.backend, secure_rng=cfg.secure_rng,
     )  # fmt: skip
     steps = planned
     if resume is not None:

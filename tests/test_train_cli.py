@@ -299,3 +299,21 @@ def test_resume_restores_sigma_and_the_steps_instead_of_calibrating_again(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["finished"] and summary["step"] == 4 and summary["noise_multiplier"] == saved
+
+
+# ---------------------------------------------------------------------------------------------- secure noise
+def test_secure_rng_draws_the_noise_from_os_entropy_and_is_kept_on_resume(tmp_path):
+    from fastdp.checkpoint import load_checkpoint
+
+    # the same seeds twice: with the seeded Philox stream the runs are equal, with OS entropy they are not
+    args = [*SHORT, "--stop-at-step", "2"]  # not finished: its resume below is checked
+    for name, extra in (("a", []), ("b", []), ("s1", ["--secure-rng"]), ("s2", ["--secure-rng"])):
+        proc = fastdp_train(*args, *extra, "--out-dir", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr
+    a, b, s1, s2 = (load_checkpoint(tmp_path / n / "last.pt") for n in ("a", "b", "s1", "s2"))
+    assert all(a["model"][k].equal(b["model"][k]) for k in a["model"])
+    assert not all(s1["model"][k].equal(s2["model"][k]) for k in s1["model"])
+    assert s1["optimizer"]["noise"]["secure"] and not a["optimizer"]["noise"]["secure"]
+    assert s1["config"]["secure_rng"] is True
+    (line,) = _error_lines(fastdp_train("--resume", tmp_path / "s1", "--no-secure-rng", *QUICK[:3]))
+    assert "cannot change secure_rng" in line
