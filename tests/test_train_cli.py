@@ -317,3 +317,38 @@ def test_secure_rng_draws_the_noise_from_os_entropy_and_is_kept_on_resume(tmp_pa
     assert s1["config"]["secure_rng"] is True
     (line,) = _error_lines(fastdp_train("--resume", tmp_path / "s1", "--no-secure-rng", *QUICK[:3]))
     assert "cannot change secure_rng" in line
+
+
+# ---------------------------------------------------------------------------------------------- startup
+FIRST_LINE_BEFORE_TORCH = """
+import importlib.abc, sys
+
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            print("TORCH IMPORTED", flush=True)
+            sys.meta_path.remove(self)
+        return None
+
+sys.meta_path.insert(0, Watch())
+from fastdp.train import main
+main(sys.argv[1:])
+"""
+
+
+def test_the_command_line_checks_and_prints_its_first_line_before_importing_torch(tmp_path):
+    # a bad invocation is refused without importing torch at all
+    cmd = [sys.executable, "-c", FIRST_LINE_BEFORE_TORCH, "--lr", "nan", "--out-dir", str(tmp_path / "x")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "TORCH IMPORTED" not in proc.stdout, proc.stdout
+    assert proc.stderr.strip() == "fastdp-train: --lr must be a finite number >= 0, got nan"
+    # the digits job says what it does before torch loads (torch alone takes seconds to import)
+    cmd = [sys.executable, "-c", FIRST_LINE_BEFORE_TORCH, "--out-dir", str(tmp_path / "run"), *QUICK]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first, second = proc.stdout.readline(), proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    assert first == f"fastdp-train: digits run in {tmp_path / 'run'}; setting up\n"
+    assert second == "TORCH IMPORTED\n"
