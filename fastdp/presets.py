@@ -166,8 +166,11 @@ _SMOOTHNETS = dict(
 
 PRESETS: dict[str, TrainConfig] = {
     "digits": TrainConfig(
+        # one thread: the model is tiny (8x8 images), so a second thread gains nothing on an idle machine and, when
+        # another process keeps a core busy, OpenMP's synchronisation makes the run 2-3x slower (bench/RESULTS.md)
+        threads=1,
         target=">= 90% test accuracy at eps <= 8 on scikit-learn's digits (fastdp's embedded check; no paper)",
-        h100_hours="seconds (about 10 s on 2 CPU cores)",
+        h100_hours="seconds (about 10 s on one CPU core)",
     ),
     "cifar10-wrn16-4-eps8": TrainConfig(
         model="wrn-16-4", target="79.5% CIFAR-10 test accuracy at (8, 1e-5)-DP (De et al. 2022)",

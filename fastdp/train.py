@@ -355,7 +355,6 @@ def _resume_state(args: argparse.Namespace) -> tuple[Path, dict]:
 
     Raises:
         UsageError: the folder is in use, has no checkpoint, or holds something else.
-        Finished: the run is finished.
     """
     from fastdp.checkpoint import CheckpointError, load_latest_checkpoint
 
@@ -386,12 +385,6 @@ def _resume_state(args: argparse.Namespace) -> tuple[Path, dict]:
         )
     if note:
         print(f"fastdp-train: {note}", file=sys.stderr, flush=True)
-    steps = state["sampler"]["steps"]  # the run's steps (the sampler draws exactly those)
-    if state["step"] >= steps:
-        raise Finished(
-            f"the run in {folder} is finished (step {state['step']} of {steps}); nothing to do and nothing was "
-            f"rewritten. Its results: {folder / 'summary.json'}"
-        )
     return folder, state
 
 
@@ -400,6 +393,7 @@ def _config(args: argparse.Namespace) -> tuple[str, TrainConfig, dict | None]:
 
     Raises:
         UsageError: with one entry per problem.
+        Finished: --resume of a finished run (whose resumption would change nothing that it refuses).
     """
     given, problems = _given(args)
     if args.resume:
@@ -421,6 +415,12 @@ def _config(args: argparse.Namespace) -> tuple[str, TrainConfig, dict | None]:
             )
         if problems:
             raise UsageError(*problems)
+        steps = state["sampler"]["steps"]  # the run's steps (the sampler draws exactly those)
+        if state["step"] >= steps:
+            raise Finished(
+                f"the run in {folder} is finished (step {state['step']} of {steps}); nothing to do and nothing was "
+                f"rewritten. Its results: {folder / 'summary.json'}"
+            )
         # a stop point belongs to the invocation that gave it
         known = {k: v for k, v in saved.items() if k in _FIELDS or k in _DOC_FIELDS}
         cfg = TrainConfig(**known).replace(stop_at_step=None, out_dir=str(folder)).replace(**given)
@@ -443,6 +443,11 @@ def _exit_lines(problems: tuple) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    # before anything imports torch: OpenMP threads that wait passively instead of spinning. When another process keeps
+    # a core busy, spinning threads fight it for the core: 2-3x slower steps (bench/RESULTS.md). libgomp reads it once,
+    # when torch loads it; a value the user set is kept
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     if args.list_presets:
         for name, cfg in PRESETS.items():
