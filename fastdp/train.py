@@ -457,11 +457,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     with StopOnSignal() as stop:
         try:
             preset, cfg, state = _config(args)
+            ckpt = Path(cfg.out_dir) / "last.pt"
             if _rank() == 0:
                 at = f", resumed at step {state['step']}" if state is not None else ""
                 print(f"fastdp-train: {preset} run in {cfg.out_dir}{at}; setting up", flush=True)
             lock = _take_run_dir(cfg, fresh=state is None, overwrite=args.overwrite)
-            ckpt = Path(cfg.out_dir) / "last.pt"
             from fastdp.trainer import run
 
             return run(cfg, preset, resume=state, progress=not args.no_progress, stop=stop)
@@ -481,8 +481,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         except KeyboardInterrupt:
             if os.environ.get("FASTDP_DEBUG"):
                 raise
-            kept = f"the last checkpoint written is {ckpt}; continue with: fastdp-train --resume {ckpt.parent}"
-            if ckpt is None or not ckpt.exists():
+            if ckpt is not None and ckpt.exists():
+                kept = f"the last checkpoint written is {ckpt}; continue with: fastdp-train --resume {ckpt.parent}"
+            else:
                 kept = "no checkpoint was written yet (nothing to resume): run the command again to start"
             what = "again: stopped at once" if stop.deferred else "before the first step"
             print(f"fastdp-train: {stop.name or 'SIGINT'} {what}; {kept}", file=sys.stderr, flush=True)
