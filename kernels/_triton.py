@@ -8,9 +8,10 @@ is read by ``triton.jit`` when a kernel file is imported, so set it before the f
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -75,6 +76,31 @@ def check_launchable(op: str, *tensors: torch.Tensor) -> torch.device:
             "importing fastdp.kernels to run them (slowly) on the CPU, or use the torch backend."
         )
     return device
+
+
+def on_tensor_device(fn: Callable) -> Callable:
+    """Run a host wrapper with its tensors' GPU as the current device: Triton launches on the current device's
+    stream, so a tensor on cuda:1 while cuda:0 is current would be read from the wrong device. The device is that of
+    the first tensor among the arguments (lists of tensors included), or the ``device`` argument."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        device = _first_device(args, kwargs)
+        if device is None or device.type != "cuda":
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _first_device(args: tuple, kwargs: dict) -> torch.device | None:
+    for value in (*args, *kwargs.values()):
+        for item in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(item, torch.Tensor):
+                return item.device
+    device = kwargs.get("device")
+    return None if device is None else torch.device(device)
 
 
 def check_float(op: str, name: str, t: torch.Tensor, dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> None:

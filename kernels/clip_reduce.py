@@ -42,6 +42,7 @@ from fastdp.kernels._triton import (
     interpreting,
     mma,
     num_sms,
+    on_tensor_device,
     pow2_at_least,
     tl,
     triton,
@@ -277,6 +278,7 @@ def _weights(op: str, c: torch.Tensor, B: int, device: torch.device) -> torch.Te
     return c.to(torch.float32).contiguous()
 
 
+@on_tensor_device
 def clip_reduce(grads: torch.Tensor, c: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """S = sum_i c_i G_i over kept per-example gradients.
 
@@ -315,6 +317,7 @@ def clip_reduce(grads: torch.Tensor, c: torch.Tensor, *, out_dtype: torch.dtype 
     return s.view(shape)
 
 
+@on_tensor_device
 def clip_reduce_bookkeeping(
     a: torch.Tensor, delta: torch.Tensor, c: torch.Tensor, *, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -362,6 +365,7 @@ def _view_span(t: torch.Tensor) -> int:
     return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
 
 
+@on_tensor_device
 def clip_reduce_bookkeeping_conv2d(
     x: torch.Tensor,
     delta: torch.Tensor,

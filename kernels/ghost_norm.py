@@ -26,6 +26,7 @@ from fastdp.kernels._triton import (
     check_layer_pair,
     dot_flags,
     mma,
+    on_tensor_device,
     pow2_at_least,
     tl,
     triton,
@@ -136,6 +137,7 @@ def _pairs(n: int, device: torch.device) -> torch.Tensor:
     return _PAIRS[key]
 
 
+@on_tensor_device
 def ghost_norm(a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """sum_{t,s} (a_t . a_s)(delta_t . delta_s) per example (= ||delta_i^T a_i||_F^2), fp32.
 

@@ -47,6 +47,7 @@ from fastdp.kernels._triton import (
     check_launchable,
     interpreting,
     libdevice,
+    on_tensor_device,
     tl,
     triton,
 )
@@ -343,6 +344,7 @@ def _pointer_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> t
     return _cached(_TABLE_CACHE, (rows, str(device)), lambda: torch.tensor(rows, dtype=torch.int64).to(device))
 
 
+@on_tensor_device
 def noisy_step(
     params: Sequence[torch.Tensor],
     sums: Sequence[torch.Tensor | None],
@@ -511,6 +513,7 @@ def noisy_step(
         )
 
 
+@on_tensor_device
 def philox_normal(numel: int, seed: int, step: int, offset: int = 0, device=None) -> torch.Tensor:
     """Noise elements ``offset .. offset + numel - 1`` of step ``step`` (fp32), from the Triton kernel; the same
     stream as fastdp.philox.philox_normal."""
@@ -530,6 +533,7 @@ def philox_normal(numel: int, seed: int, step: int, offset: int = 0, device=None
     return z
 
 
+@on_tensor_device
 def philox_words(n_groups: int, seed: int, step: int, first_group: int = 0, device=None) -> torch.Tensor:
     """(n_groups, 4) int64: the uint32 Philox words of groups ``first_group ..`` (for bit-exact tests)."""
     device = torch.device("cuda" if device is None else device)

@@ -36,6 +36,7 @@ from fastdp.kernels._triton import (
     check_layer_pair,
     dot_flags,
     mma,
+    on_tensor_device,
     pow2_at_least,
     tl,
     triton,
@@ -239,6 +240,7 @@ def _finish(partials: torch.Tensor, B: int) -> torch.Tensor:
     return partials.sum(1) if partials.numel() else partials.new_zeros(B)
 
 
+@on_tensor_device
 def per_sample_norm(a: torch.Tensor, delta: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """||delta_i^T a_i||_F^2 per example for a linear layer, fp32.
 
@@ -278,6 +280,7 @@ def per_sample_norm(a: torch.Tensor, delta: torch.Tensor, *, out: torch.Tensor |
     return _finish(partials, B)
 
 
+@on_tensor_device
 def per_sample_norm_conv2d(
     x: torch.Tensor,
     delta: torch.Tensor,

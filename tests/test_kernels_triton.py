@@ -519,3 +519,27 @@ def test_gpu_philox_and_step_one_million():
         ns.noisy_step_ref(ref_opt, sums, std=1.0, expected_batch_size=256, seed=3, step=step)
     for p, q in zip(params, ref_params, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_wrappers_run_on_their_tensors_device():
+    """Every host wrapper enters its tensors' device (Triton launches on the current device's stream)."""
+    from fastdp.kernels._triton import _first_device
+
+    a = torch.zeros(2)
+    assert _first_device(([a],), {}) == a.device and _first_device((3,), {"x": a}) == a.device
+    assert _first_device((3,), {"device": "cuda:1"}) == torch.device("cuda:1")
+    assert _first_device((3,), {}) is None
+    wrappers = (cr.clip_reduce, cr.clip_reduce_bookkeeping, cr.clip_reduce_bookkeeping_conv2d, gn.ghost_norm)
+    wrappers += (ns.noisy_step, ns.philox_normal, ns.philox_words, psn.per_sample_norm, psn.per_sample_norm_conv2d)
+    for fn in wrappers:
+        assert getattr(fn, "__wrapped__", None) is not None, fn.__name__
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_on_the_second_gpu_while_the_first_is_current():
+    gen = torch.Generator().manual_seed(9)
+    a, d = randn(4, 3, 8, gen=gen).to("cuda:1"), randn(4, 3, 5, gen=gen).to("cuda:1")
+    with torch.cuda.device(0):
+        got = psn.per_sample_norm(a, d)
+    torch.testing.assert_close(got.cpu(), psn.per_sample_norm_ref(a.cpu(), d.cpu()), rtol=1e-5, atol=1e-6)
