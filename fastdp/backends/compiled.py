@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from fastdp.backends.base import Backend
 from fastdp.engine.interface import LayerKernels, Reducer
@@ -57,6 +56,3 @@ class CompiledBackend(Backend):
             launch.params, launch.sums, launch.exp_avgs, launch.exp_avg_sqs, launch.offsets, std, batch, seed, step,
             g["lr"], beta1, beta2, g["eps"], g["weight_decay"], decoupled(launch), launch.adam_step,
         )  # fmt: skip
-
-    def step_takes(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> bool:
-        return super().step_takes(optimizer, params)
