@@ -5,7 +5,9 @@
 // the pointers allow; bfloat16 moves 8 bytes, float64 two 16-byte loads) and walks the B rows, keeping kVec Acc
 // accumulators in registers (float32 for float32/bfloat16 G, float64 for float64); the row loop is unrolled so that
 // several rows' loads are in flight. The weights are read through the read-only cache (every thread of a warp reads
-// the same c_i: one broadcast). The sum over i runs in row order for every column: deterministic.
+// the same c_i: one broadcast). The sum over i runs in row order for every column: deterministic. A row of weight
+// exactly 0 is skipped, not multiplied (a dropped, non-finite example may hold NaN and 0 * nan = nan); c_i is the same
+// for the whole grid, so the branch never diverges.
 // No torch headers (raw pointers from bindings.cpp via ops.h).
 #include <cuda_runtime.h>
 
@@ -71,9 +73,10 @@ __global__ void __launch_bounds__(kThreads)
   const T* col = g + j;
 #pragma unroll 4
   for (int64_t i = 0; i < B; ++i) {
+    const A ci = __ldg(c + i);
+    if (ci == A(0)) continue;
     A x[kVec];
     Loader<kVec, T>::load(col + i * P, x);
-    const A ci = __ldg(c + i);
 #pragma unroll
     for (int v = 0; v < kVec; ++v) acc[v] += ci * x[v];
   }

@@ -6,7 +6,10 @@
 // values in L1 and streams four rows of G at a time through it (four independent load streams per pass, a quarter of
 // the accumulator loads/stores). Accumulation is in float32 for float32/bfloat16 G and float64 for float64 G; the sum
 // over i runs in the same order for every column whatever the chunking, so results do not depend on the thread count.
+// Rows of weight exactly 0 are not read: a dropped (non-finite) example may hold NaN, and 0 * nan = nan. They are
+// left out of a list of the rows to read, made once per call, so the streaming loop stays branch-free.
 #include <algorithm>
+#include <vector>
 
 #include "dispatch.h"
 #include "ops.h"
@@ -17,27 +20,27 @@ namespace {
 constexpr int64_t kChunk = 2048;  // 8 KB of float32 accumulator (16 KB float64): stays in L1 next to the row streams
 
 template <typename T, typename O>
-FASTDP_HD void reduce_chunk(const T* __restrict g, const Acc<T>* __restrict c, O* __restrict out, int64_t B,
-                            int64_t P, int64_t j0, int64_t n) {
+FASTDP_HD void reduce_chunk(const T* __restrict g, const Acc<T>* __restrict c, const int64_t* __restrict rows,
+                            O* __restrict out, int64_t B, int64_t P, int64_t j0, int64_t n) {
   using A = Acc<T>;
   alignas(64) A acc[kChunk];
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) acc[j] = A(0);
   int64_t i = 0;
   for (; i + 4 <= B; i += 4) {
-    const T* __restrict g0 = g + i * P + j0;
-    const T* __restrict g1 = g0 + P;
-    const T* __restrict g2 = g1 + P;
-    const T* __restrict g3 = g2 + P;
-    const A c0 = c[i], c1 = c[i + 1], c2 = c[i + 2], c3 = c[i + 3];
+    const T* __restrict g0 = g + rows[i] * P + j0;
+    const T* __restrict g1 = g + rows[i + 1] * P + j0;
+    const T* __restrict g2 = g + rows[i + 2] * P + j0;
+    const T* __restrict g3 = g + rows[i + 3] * P + j0;
+    const A c0 = c[rows[i]], c1 = c[rows[i + 1]], c2 = c[rows[i + 2]], c3 = c[rows[i + 3]];
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       acc[j] += ((c0 * to_acc(g0[j]) + c1 * to_acc(g1[j])) + c2 * to_acc(g2[j])) + c3 * to_acc(g3[j]);
     }
   }
   for (; i < B; ++i) {
-    const T* __restrict gi = g + i * P + j0;
-    const A ci = c[i];
+    const T* __restrict gi = g + rows[i] * P + j0;
+    const A ci = c[rows[i]];
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) acc[j] += ci * to_acc(gi[j]);
   }
@@ -47,9 +50,9 @@ FASTDP_HD void reduce_chunk(const T* __restrict g, const Acc<T>* __restrict c, O
 
 // One chunk per call; the ISA clones are resolved once per process.
 #define FASTDP_CLIP_REDUCE_CHUNK(NAME, T, O)                                                                 \
-  FASTDP_CPU_CLONES void NAME(const T* g, const Acc<T>* c, O* out, int64_t B, int64_t P, int64_t j0,        \
-                              int64_t n) {                                                                   \
-    reduce_chunk<T, O>(g, c, out, B, P, j0, n);                                                              \
+  FASTDP_CPU_CLONES void NAME(const T* g, const Acc<T>* c, const int64_t* rows, O* out, int64_t B, int64_t P, \
+                              int64_t j0, int64_t n) {                                                       \
+    reduce_chunk<T, O>(g, c, rows, out, B, P, j0, n);                                                        \
   }
 FASTDP_CLIP_REDUCE_CHUNK(chunk_f32, float, float)
 FASTDP_CLIP_REDUCE_CHUNK(chunk_f64, double, double)
@@ -62,6 +65,12 @@ void run(F chunk_fn, const void* grads, const void* weights, void* out, int64_t 
   const T* g = static_cast<const T*>(grads);
   const Acc<T>* c = static_cast<const Acc<T>*>(weights);
   O* o = static_cast<O*>(out);
+  std::vector<int64_t> rows;  // the rows of nonzero weight, in order: B below is their count
+  rows.reserve(B);
+  for (int64_t i = 0; i < B; ++i) {
+    if (c[i] != Acc<T>(0)) rows.push_back(i);
+  }
+  B = static_cast<int64_t>(rows.size());
   const int64_t nchunks = (P + kChunk - 1) / kChunk;
   // below ~64K multiply-adds a parallel region costs more than it saves
   const bool parallel = num_threads > 1 && nchunks > 1 && B * P >= (int64_t(1) << 16);
@@ -69,7 +78,7 @@ void run(F chunk_fn, const void* grads, const void* weights, void* out, int64_t 
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
   for (int64_t k = 0; k < nchunks; ++k) {
     const int64_t j0 = k * kChunk;
-    chunk_fn(g, c, o, B, P, j0, std::min(kChunk, P - j0));
+    chunk_fn(g, c, rows.data(), o, B, P, j0, std::min(kChunk, P - j0));
   }
 }
 

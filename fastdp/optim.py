@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from fastdp.distributed import active_group, all_reduce_sum, broadcast_int, broa
 from fastdp.engine import GradSampleEngine
 from fastdp.engine.clipping import get_clipping
 from fastdp.fused_step import FusedStep
+from fastdp.host_read import HostRead
 from fastdp.noise import GaussianNoise
 
 
@@ -141,9 +143,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.steps_taken = 0
         self.per_sample_norms = torch.zeros(0)
         self.examples_last_batch = 0
-        #: examples of the last logical batch whose gradient was non-finite (they contributed exactly zero)
-        self.nonfinite_last_batch = 0
-        self._nonfinite_before = 0
+        #: the non-finite counts of past steps on their way to the host: (step, examples, HostRead), oldest first
+        self._nonfinite_reads: deque[tuple[int, int, HostRead]] = deque()
 
     # the wrapped optimizer's state is this optimizer's state (LR schedulers read and write param_groups)
     @property
@@ -169,8 +170,19 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @property
     def nonfinite_examples(self) -> int:
-        """Examples whose gradient was non-finite and contributed zero, since the start."""
+        """Examples whose gradient was non-finite and contributed zero, since the start (reads the device)."""
         return self.engine.nonfinite_examples
+
+    @property
+    def nonfinite_last_batch(self) -> int:
+        """Examples of the last logical batch whose gradient was non-finite and contributed exactly zero (reads the
+        device: on a GPU, read it once per log interval rather than per step, or ``nonfinite_last_batch_tensor``)."""
+        return int(self.engine.nonfinite_last)
+
+    @property
+    def nonfinite_last_batch_tensor(self) -> torch.Tensor | int:
+        """``nonfinite_last_batch`` where it was counted (a device tensor after the first step): no host read."""
+        return self.engine.nonfinite_last
 
     def _noise_multiplier(self, sigma, target_epsilon, target_delta, steps, epochs, mechanism) -> float:
         if (sigma is None) == (target_epsilon is None):
@@ -214,16 +226,11 @@ class DPOptimizer(torch.optim.Optimizer):
             self._torch_step(summed, std)
         self.per_sample_norms = norms
         self.examples_last_batch = norms.numel()
-        self.nonfinite_last_batch = self.engine.nonfinite_examples - self._nonfinite_before
-        self._nonfinite_before = self.engine.nonfinite_examples
         self.steps_taken += 1
-        if self.examples_last_batch and self.nonfinite_last_batch == self.examples_last_batch:
-            warnings.warn(
-                f"fastdp: step {self.steps_taken}: all {self.examples_last_batch} examples of the logical batch had a "
-                "non-finite gradient (NaN/inf data or an overflow) and contributed zero: the step was noise only. "
-                "Check the data and the loss scale (e.g. bf16/fp16 overflow, a learning rate that diverged).",
-                stacklevel=3,  # the caller of step(), past torch.no_grad's wrapper
-            )
+        if self.examples_last_batch:
+            read = HostRead(self.engine.nonfinite_last)
+            self._nonfinite_reads.append((self.steps_taken, self.examples_last_batch, read))
+        self._warn_noise_only_steps()
         if self.sample_rate is not None:
             self.accountant.step(self.sample_rate, self.noise_multiplier)
         if self.calibrated_steps is not None and self.steps_taken == self.calibrated_steps + 1:
@@ -233,6 +240,19 @@ class DPOptimizer(torch.optim.Optimizer):
                 "the sampler's steps from opt.calibrated_steps.",
                 stacklevel=3,  # the caller of step(), past torch.no_grad's wrapper
             )
+
+    def _warn_noise_only_steps(self) -> None:
+        """Warn about the past steps whose examples were all non-finite, as their counts reach the host: without
+        waiting for them, so on a GPU the warning may come a step or two after the step it names."""
+        while self._nonfinite_reads and self._nonfinite_reads[0][2].ready():
+            step, examples, read = self._nonfinite_reads.popleft()
+            if read.value() == examples:
+                warnings.warn(
+                    f"fastdp: step {step}: all {examples} examples of the logical batch had a non-finite gradient "
+                    "(NaN/inf data or an overflow) and contributed zero: the step was noise only. Check the data and "
+                    "the loss scale (e.g. bf16/fp16 overflow, a learning rate that diverged).",
+                    stacklevel=4,  # the caller of step(), past torch.no_grad's wrapper
+                )
 
     def _torch_step(self, summed: dict[nn.Parameter, torch.Tensor], std: float) -> None:
         # with several ranks only rank 0 adds noise, before the sums are added up: the total carries it once
@@ -321,7 +341,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.noise.load_state_dict(state_dict["noise"])
         self.steps_taken = int(state_dict["steps_taken"])
         self.noise_multiplier = float(state_dict["noise_multiplier"])
-        self.engine.nonfinite_examples = self._nonfinite_before = int(state_dict["nonfinite_examples"])
+        self.engine.nonfinite_examples = int(state_dict["nonfinite_examples"])
         self.engine.load_plan_state(state_dict["plans"])
 
     def __repr__(self) -> str:
@@ -387,5 +407,9 @@ class DPSGD(DPOptimizer):
         **dp: Any,
     ) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
-        sgd = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        # foreach: one launch per update op for all parameters on the torch path (torch picks it on a GPU, not on
+        # the CPU); the fused backends never call this optimizer's step
+        sgd = torch.optim.SGD(
+            params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, foreach=True
+        )
         super().__init__(sgd, model, **dp)

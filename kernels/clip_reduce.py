@@ -74,9 +74,10 @@ def _clip_reduce_kernel(
         rows = b0 + rb
         ok = rows < hi
         c = tl.load(C_ptr + rows, mask=ok, other=0.0)
+        # a row of weight exactly 0 is not read: a dropped (non-finite) example may hold NaN, and 0 * nan = nan
         g = tl.load(
             G_ptr + rows.to(tl.int64)[:, None] * stride_gb + cols[None, :],
-            mask=ok[:, None] & (cols[None, :] < P),
+            mask=(ok & (c != 0.0))[:, None] & (cols[None, :] < P),
             other=0.0,
         )
         acc += c[:, None] * g.to(tl.float32)
@@ -285,7 +286,7 @@ def clip_reduce(grads: torch.Tensor, c: torch.Tensor, *, out_dtype: torch.dtype 
     Args:
         grads: (B, *shape) per-example gradients (fp32, bf16 or fp16); rows may be strided, each row's elements
             must be one dense block (else it is copied once).
-        c: (B,) clip factors.
+        c: (B,) clip factors. A row whose factor is exactly 0 is not read (it may hold NaN: a dropped example).
         out_dtype: dtype of S (default: the gradients'); accumulation is fp32 either way.
 
     Returns:

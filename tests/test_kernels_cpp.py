@@ -95,6 +95,25 @@ def test_clip_reduce_independent_of_threads():
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_clip_reduce_skips_zero_weight_rows(dtype):
+    """A dropped example has weight 0 and may hold NaN/inf (0 * nan = nan): its row is not read."""
+    torch.manual_seed(41)
+    g = torch.randn(9, 2049, dtype=torch.float64).to(dtype)
+    w = torch.rand(9, dtype=torch.float64) + 0.5
+    dropped = [0, 3, 4, 8]  # around the 4-row unrolling and the tail
+    w[dropped] = 0.0
+    g[dropped[:2]] = float("nan")
+    g[dropped[2:]] = float("inf")
+    wa = w.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    out = ops.clip_reduce(g, wa)
+    kept = [i for i in range(9) if i not in dropped]
+    ref, bound = clip_reference(g[kept], wa[kept])
+    assert torch.isfinite(out).all()
+    u = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}[dtype]
+    assert ((out.double() - ref).abs() <= (len(kept) + 1) * u * (bound + ref.abs()) + 1e-300).all()
+
+
 def test_clip_reduce_empty_batch_is_zero():
     out = poisoned((5, 3), torch.float32)
     ops.clip_reduce.out(torch.zeros(0, 5, 3), torch.zeros(0), out=out)

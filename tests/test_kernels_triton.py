@@ -215,6 +215,19 @@ def test_clip_reduce(B, shape):
     assert_fp32(s, cr.clip_reduce_ref(g.double(), c.double()))
 
 
+def test_clip_reduce_skips_zero_weight_rows():
+    """A dropped example has weight 0 and may hold NaN/inf (0 * nan = nan): its row is not read."""
+    gen = torch.Generator().manual_seed(43)
+    g = randn(11, 7, 9, gen=gen)
+    c = torch.rand(11, generator=gen).to(DEVICE) + 0.5
+    c[[1, 10]] = 0.0
+    g[1], g[10] = float("nan"), float("inf")
+    kept = [i for i in range(11) if i not in (1, 10)]
+    s = cr.clip_reduce(g, c)
+    assert torch.isfinite(s).all()
+    assert_fp32(s, cr.clip_reduce_ref(g[kept].double(), c[kept].double()))
+
+
 def test_clip_reduce_strided_bf16_empty():
     gen = torch.Generator().manual_seed(5)
     g = randn(9, 2, 40, gen=gen)[:, 1]  # rows strided by 80

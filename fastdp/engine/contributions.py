@@ -39,11 +39,31 @@ def sq_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=accum_dtype(t.dtype)).square()
 
 
-def mask_rows(t: torch.Tensor, keep: torch.Tensor, rows_per_example: int = 1) -> torch.Tensor:
-    """Zero the rows of dropped examples (``keep`` is (B,) bool; ``t`` has B * rows_per_example rows)."""
+def views_summed(t: torch.Tensor, augmult: int) -> torch.Tensor:
+    """Per-view rows (N = B * K, ...) -> per-example sums over the K consecutive views (B, ...); no op when K = 1."""
+    return t if augmult == 1 else t.view(-1, augmult, *t.shape[1:]).sum(1)
+
+
+def keep_rows(t: torch.Tensor, w: torch.Tensor, rows_per_example: int = 1) -> torch.Tensor:
+    """``t`` (B * rows_per_example, ...) with the rows of zero-weight examples set to exact zeros.
+
+    A dropped (non-finite) example has weight 0, but its rows may hold NaN or inf and 0 * nan = nan: a weighted sum
+    must not read them. ``torch.where`` selects instead of multiplying, so the other rows are unchanged bit for bit.
+    """
+    return torch.where(_row_view(w != 0, t, rows_per_example), t, 0.0)
+
+
+def scale_rows(t: torch.Tensor, w: torch.Tensor, rows_per_example: int = 1) -> torch.Tensor:
+    """``t``'s rows times their example's weight, with zero-weight examples exact zeros (``keep_rows``)."""
+    wr = _row_view(w.to(t.dtype), t, rows_per_example)
+    return torch.where(wr != 0, t * wr, 0.0)
+
+
+def _row_view(v: torch.Tensor, t: torch.Tensor, rows_per_example: int) -> torch.Tensor:
+    # (B,) -> (B * m, 1, ..., 1), broadcasting over t's other dims
     if rows_per_example > 1:
-        keep = keep.repeat_interleave(rows_per_example)
-    return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros((), dtype=t.dtype, device=t.device))
+        v = v.repeat_interleave(rows_per_example)
+    return v.view(-1, *([1] * (t.dim() - 1)))
 
 
 class Kept(Contribution):
@@ -61,18 +81,18 @@ class Kept(Contribution):
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         g = self.grads.reshape(self.grads.shape[0], -1)
-        reducer = _REDUCER.get()
-        out = None if reducer is None else reducer(g, w)
-        if out is None:
-            out = w.to(g.dtype) @ g
-        return out.view(self.grads.shape[1:])
+        return reduce_rows(g, w).view(self.grads.shape[1:])
 
     def instantiate(self) -> torch.Tensor:
         return self.grads
 
-    def drop(self, keep: torch.Tensor) -> None:
-        self.grads = mask_rows(self.grads, keep)
-        self.sq = None
+
+def reduce_rows(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i g_i over the rows of ``g`` (B, P), zero-weight rows skipped: by the backend's clip-and-reduce where it
+    takes ``g`` (its kernels skip them: the Reducer contract), else one masked GEMV."""
+    reducer = _REDUCER.get()
+    out = None if reducer is None else reducer(g, w)
+    return (w.to(g.dtype) @ keep_rows(g, w)) if out is None else out
 
 
 class Summed(Kept):

@@ -18,6 +18,7 @@ from torch import nn
 from fastdp.backends import resolve_backend
 from fastdp.engine.clipping import get_clipping
 from fastdp.engine.contributions import Summed, reducing_with
+from fastdp.engine.flat import Flat
 from fastdp.engine.interface import Contribution, LayerCall, LayerFunction
 from fastdp.engine.planning import Planner
 from fastdp.engine.precision import full_fp32
@@ -107,7 +108,11 @@ class GradSampleEngine:
 
         self.summed: dict[nn.Parameter, torch.Tensor] = {}
         self.norms: list[torch.Tensor] = []
-        self.nonfinite_examples = 0
+        #: non-finite examples: of the last logical batch (a device tensor once a batch was popped) and in all
+        self.nonfinite_last: torch.Tensor | int = 0
+        self._nonfinite_total: torch.Tensor | int = 0
+        #: the flat buffers' running clipped sums of this logical batch, with the views of them ``summed`` holds
+        self._flat_sums: dict[tuple, tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]] = {}
         #: the provenance of every wrapped call, by the model input's signature (fastdp.engine.provenance)
         self.layouts: dict[tuple, dict[tuple[nn.Module, int], Provenance]] = {}
         self._pass: dict[nn.Parameter, list[Contribution]] | None = None
@@ -343,35 +348,65 @@ class GradSampleEngine:
         scale = examples if self.loss_reduction == "mean" else 1.0 / self.augmult
         with full_fp32():
             merged = {p: cs[0] if len(cs) == 1 else Summed(cs) for p, cs in contributions.items()}
-            sq = sum(c.sq_norm() for c in merged.values())
+            flats = Flat.gather(merged)
+            in_flat = {p for f in flats for p in f.params}
+            rest = {p: c for p, c in merged.items() if p not in in_flat}
+            parts = [*flats, *rest.values()]
+            sq = parts[0].sq_norm() if len(parts) == 1 else torch.stack([c.sq_norm() for c in parts]).sum(0)
             norms = sq.sqrt() * scale
+            # branch-free: a non-finite example gets weight 0, and every contribution reads a zero-weight example's
+            # rows as exact zeros (the Contribution contract); nothing here asks the host whether one occurred
             factors = self.clip_fn(norms, self.max_grad_norm, self.clip_gamma)
-            finite = torch.isfinite(norms)
-            if not bool(finite.all()):
-                # a non-finite example contributes exactly zero: its data is zeroed, not just down-weighted
-                self.nonfinite_examples += int((~finite).sum())
-                factors = torch.where(finite, factors, torch.zeros_like(factors))
-                for c in merged.values():
-                    c.drop(finite)
-            weights = factors * scale
+            weights = torch.where(torch.isfinite(norms), factors * scale, 0.0)
             with reducing_with(self.reducer):
-                for p, c in merged.items():
-                    s = c.weighted_sum(weights).to(p.dtype).view_as(p)
-                    prev = self.summed.get(p)
-                    self.summed[p] = s if prev is None else prev + s
+                for f in flats:
+                    self._add_flat(f, f.weighted_sum(weights))
+                for p, c in rest.items():
+                    self._add(p, c.weighted_sum(weights).to(p.dtype).view_as(p))
         self.norms.append(norms.detach())
+
+    def _add(self, p: nn.Parameter, s: torch.Tensor) -> None:
+        prev = self.summed.get(p)
+        self.summed[p] = s if prev is None else prev + s
+
+    def _add_flat(self, flat: Flat, total: torch.Tensor) -> None:
+        """Add a flat buffer's clipped sum: in place, one launch, when the previous micro-batch's sums of the same
+        parameters are still views of one flat tensor (the usual case), else parameter by parameter."""
+        views = flat.split(total)
+        acc = self._flat_sums.get(flat.params)
+        if acc is not None and all(self.summed.get(p) is v for p, v in acc[1].items()):
+            acc[0].add_(total)
+            return
+        fresh = all(p not in self.summed and p.dtype == v.dtype for p, v in views.items())
+        for p, v in views.items():
+            self._add(p, v.to(p.dtype))
+        if fresh:
+            self._flat_sums[flat.params] = (total, views)
 
     # ------------------------------------------------------------------ logical batch
     def pop(self) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
         """Hand the clipped sums and norms of the logical batch to the optimizer and start a new one."""
-        summed, self.summed = self.summed, {}
+        summed, self.summed, self._flat_sums = self.summed, {}, {}
         norms = torch.cat(self.norms) if self.norms else torch.zeros(0)
         self.norms = []
+        # counted on the device: reading it is the caller's choice (a host read of a GPU tensor drains the queue)
+        self.nonfinite_last = _count_nonfinite(norms)
+        self._nonfinite_total = self._nonfinite_total + self.nonfinite_last
         return summed, norms
+
+    @property
+    def nonfinite_examples(self) -> int:
+        """Examples whose gradient was non-finite (they contributed zero) since the start; reads the device."""
+        pending = sum(int(_count_nonfinite(n)) for n in self.norms)
+        return int(self._nonfinite_total) + pending
+
+    @nonfinite_examples.setter
+    def nonfinite_examples(self, value: int) -> None:
+        self._nonfinite_total = int(value)
 
     def discard(self) -> None:
         """Forget the clipped sums of the current logical batch (what zero_grad does to ordinary grads)."""
-        self.summed, self.norms = {}, []
+        self.summed, self.norms, self._flat_sums = {}, [], {}
 
 
 class _MicroBatch:
@@ -406,6 +441,10 @@ class _MicroBatch:
                 "micro-batch. Keep the examples in dim 0 of every layer's input."
             )
         return x, m
+
+
+def _count_nonfinite(norms: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(norms).logical_not_().sum()
 
 
 def _device_of(model: nn.Module) -> torch.device | None:

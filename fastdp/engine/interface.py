@@ -10,12 +10,15 @@ squared norms, draws the clip factors and asks each contribution for its weighte
 Contracts of a ``Contribution`` (one layer call's share of one parameter's per-example gradients):
 
 - ``sq_norm()``        the per-example squared norm of its gradient, (B,) in float32 or better,
-- ``weighted_sum(w)``  sum_i w_i g_i once the weights w_i = c_i * scale are known,
+- ``weighted_sum(w)``  sum_i w_i g_i once the weights w_i = c_i * scale are known; an example of weight exactly 0
+                       contributes exact zeros whatever its data holds (a non-finite example is dropped by giving it
+                       weight 0, and 0 * nan = nan: its rows must be selected away, not multiplied),
 - ``instantiate()``    the per-example gradients (B, *param.shape), needed only when a parameter receives
                        several contributions in one backward (shared weights, a module called twice): the
-                       norm of a sum is not the sum of norms, so those are summed per example first,
-- ``drop(keep)``       zero the examples whose gradient is non-finite before ``weighted_sum``: a zero weight is not
-                       enough because 0 * nan = nan.
+                       norm of a sum is not the sum of norms, so those are summed per example first.
+
+Dropping by weight keeps the engine free of host decisions: whether any example is non-finite is never asked on the
+host (on a GPU that question is a queue-draining sync), every backward runs the same kernels.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from torch import nn
 from fastdp.engine.precision import full_fp32
 
 #: a backend's clip-and-reduce over kept per-example gradients: (G (B, P), w (B,)) -> (P,), or None where it does
-#: not take the input (device, dtype, layout) and the torch reduction runs
+#: not take the input (device, dtype, layout) and the torch reduction runs. Rows of weight exactly 0 are skipped, not
+#: multiplied: they may hold NaN or inf (the Contribution contract)
 Reducer = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
@@ -53,9 +57,6 @@ class Contribution:
         raise NotImplementedError
 
     def instantiate(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def drop(self, keep: torch.Tensor) -> None:
         raise NotImplementedError
 
 

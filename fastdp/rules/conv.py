@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdp.engine import costs
-from fastdp.engine.contributions import Kept, accum_dtype, mask_rows
+from fastdp.engine.contributions import Kept, accum_dtype, keep_rows, scale_rows, views_summed
 from fastdp.engine.interface import Contribution, LayerKernels
 from fastdp.rules.base import Cost, LayerCall, Rule, Strategies, Strategy, compute_dtype, register_rule, trainable
 from fastdp.rules.conv_ghost import shifted_ghost, unfolded_ghost
@@ -153,17 +153,14 @@ class ConvBookKeeping(Contribution):
         return self.sq
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        # zero-weight (dropped) examples are read as exact zeros on both sides of the product: their rows may be NaN
+        x = keep_rows(self.x, w, self.augmult)
         if self.kernel is not None:
-            return self.kernel(self.x, self.d, w, self.geom, self.augmult)
-        w = w.to(self.d.dtype).repeat_interleave(self.augmult)
-        return self.geom.grad_weight(self.d * w.view(-1, *([1] * (self.d.dim() - 1))), self.x)
+            return self.kernel(x, keep_rows(self.d, w, self.augmult), w, self.geom, self.augmult)
+        return self.geom.grad_weight(scale_rows(self.d, w, self.augmult), x)
 
     def instantiate(self) -> torch.Tensor:
         return self.geom.per_example_grad_weight(self.x, self.d, self.augmult)
-
-    def drop(self, keep: torch.Tensor) -> None:
-        self.x = mask_rows(self.x, keep, self.augmult)
-        self.d = mask_rows(self.d, keep, self.augmult)
 
 
 @dataclass(frozen=True)
@@ -382,5 +379,4 @@ class ConvRule(Rule):
 
 def bias_grads(d: torch.Tensor, augmult: int) -> torch.Tensor:
     """Per-example bias gradient: delta summed over positions and views, (B, C_out)."""
-    per_row = d.flatten(2).sum(2)
-    return per_row.view(-1, augmult, per_row.shape[1]).sum(1)
+    return views_summed(d.flatten(2).sum(2), augmult)

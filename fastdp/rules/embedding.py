@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdp.engine.contributions import accum_dtype, mask_rows
+from fastdp.engine.contributions import accum_dtype, scale_rows
 from fastdp.engine.interface import Contribution
 from fastdp.rules.base import LayerCall, Rule, register_rule
 
@@ -23,7 +23,7 @@ class EmbeddingBookKeeping(Contribution):
         return self.sq
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        d = (self.d * w.to(self.d.dtype).view(-1, 1, 1)).flatten(0, 1)
+        d = scale_rows(self.d, w).flatten(0, 1)  # a dropped example's rows are exact zeros, even where they were NaN
         return torch.zeros(self.V, d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, self.idx.flatten(), d)
 
     def instantiate(self) -> torch.Tensor:
@@ -31,9 +31,6 @@ class EmbeddingBookKeeping(Contribution):
         flat = self.idx + self.V * torch.arange(B, device=self.idx.device).view(-1, 1)
         out = torch.zeros(B * self.V, D, dtype=self.d.dtype, device=self.d.device)
         return out.index_add_(0, flat.flatten(), self.d.flatten(0, 1)).view(B, self.V, D)
-
-    def drop(self, keep: torch.Tensor) -> None:
-        self.d = mask_rows(self.d, keep)
 
 
 @register_rule(nn.Embedding)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdp.engine.contributions import Kept, accum_dtype
+from fastdp.engine.contributions import Kept, accum_dtype, views_summed
 from fastdp.nn.gain import ScalarGain
 from fastdp.rules.base import LayerCall, Rule, register_rule
 
@@ -36,4 +36,4 @@ class ScalarGainRule(Rule):
         acc = accum_dtype(p.dtype)
         N = x.shape[0]
         per_row = torch.linalg.vecdot(grad_out.reshape(N, -1).to(acc), x.reshape(N, -1).to(acc), dim=1)
-        return [(p, Kept(per_row.view(-1, augmult).sum(1).to(p.dtype)))]
+        return [(p, Kept(views_summed(per_row, augmult).to(p.dtype)))]

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdp.engine import costs
-from fastdp.engine.contributions import Kept, accum_dtype, mask_rows, sq_norms
+from fastdp.engine.contributions import Kept, accum_dtype, keep_rows, scale_rows, sq_norms
 from fastdp.engine.interface import Contribution, LayerKernels
 from fastdp.rules.base import Cost, LayerCall, Rule, Strategies, Strategy, compute_dtype, register_rule, trainable
 
@@ -58,16 +58,14 @@ class LinearBookKeeping(Contribution):
         return self.sq
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        # zero-weight (dropped) examples are read as exact zeros on both sides of the product: their rows may be NaN
+        a = keep_rows(self.a, w)
         if self.kernel is not None:
-            return self.kernel(self.a, self.d, w)
-        d = self.d * w.to(self.d.dtype).view(-1, 1, 1)
-        return d.flatten(0, 1).t() @ self.a.flatten(0, 1)
+            return self.kernel(a, keep_rows(self.d, w), w)
+        return scale_rows(self.d, w).flatten(0, 1).t() @ a.flatten(0, 1)
 
     def instantiate(self) -> torch.Tensor:
         return torch.bmm(self.d.transpose(1, 2), self.a)
-
-    def drop(self, keep: torch.Tensor) -> None:
-        self.a, self.d = mask_rows(self.a, keep), mask_rows(self.d, keep)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 The layer runs as one node that saves exactly what torch's own backward saves (input, mean, rstd), so DP
 costs no extra activation memory. Per-example gradients are tiny (B x C) and always kept:
 
-    GroupNorm: dw_i[c] = rstd_i[g(c)] * (sum_t delta*x - mean_i[g(c)] * sum_t delta),   db_i[c] = sum_t delta
-               (x_hat = (x - mean) * rstd is never materialised: two per-channel reductions suffice)
+    GroupNorm: dw_i[c] = rstd_i[g(c)] * sum_t delta * (x - mean_i[g(c)]),   db_i[c] = sum_t delta
+               (channels viewed as (groups, C / groups): mean and rstd broadcast over a group's channels)
     LayerNorm: dw_i = sum over the non-normalised dims of delta * x_hat,                db_i = sum of delta
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastdp.engine.contributions import Kept, accum_dtype
+from fastdp.engine.contributions import Kept, accum_dtype, views_summed
 from fastdp.rules.base import LayerCall, Rule, register_rule, trainable
 
 
@@ -54,20 +54,16 @@ class GroupNormRule(Rule):
         x, mean, rstd = saved
         acc = accum_dtype(x.dtype)
         N, C = x.shape[:2]
-        d = grad_out.to(acc).reshape(N, C, -1)
-        xf = x.to(acc).reshape(N, C, -1)
-        sum_d = d.sum(2)
+        G = m.num_groups
+        d = grad_out.to(acc).reshape(N, G, C // G, -1)
         out = []
         for name, p in trainable(m, "weight", "bias"):
             if name == "weight":
-                per_group = C // m.num_groups
-                mean_c = mean.to(acc).repeat_interleave(per_group, dim=1)
-                rstd_c = rstd.to(acc).repeat_interleave(per_group, dim=1)
-                sum_dx = torch.linalg.vecdot(d, xf, dim=2)
-                rows = rstd_c * (sum_dx - mean_c * sum_d)
+                centred = x.to(acc).reshape(N, G, C // G, -1) - mean.to(acc).view(N, G, 1, 1)
+                rows = (d * centred).sum(3) * rstd.to(acc).view(N, G, 1)
             else:
-                rows = sum_d
-            out.append((p, Kept(rows.view(-1, augmult, C).sum(1).to(p.dtype))))
+                rows = d.sum(3)
+            out.append((p, Kept(views_summed(rows.view(N, C), augmult).to(p.dtype))))
         return out
 
 
@@ -111,5 +107,5 @@ class LayerNormRule(Rule):
                 rows = per_row(d * ((x.to(acc) - mean.to(acc)) * rstd.to(acc)))
             else:
                 rows = per_row(d)
-            out.append((p, Kept(rows.reshape(-1, augmult, *p.shape).sum(1).to(p.dtype))))
+            out.append((p, Kept(views_summed(rows.reshape(-1, *p.shape), augmult).to(p.dtype))))
         return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdp.engine.contributions import Kept, accum_dtype
+from fastdp.engine.contributions import Kept, accum_dtype, views_summed
 from fastdp.engine.interface import Contribution
 from fastdp.nn.ws_conv import ScaledStdConv2d, WSConv2d, standardize_weight
 from fastdp.rules.base import LayerCall, compute_dtype, register_rule, trainable
@@ -43,15 +43,18 @@ class StandardizationJacobian:
     def apply(self, g: torch.Tensor) -> torch.Tensor:
         shape = g.shape  # (..., C_out, C_in / groups, kh, kw): the weight is 4-D
         g = g.reshape(*shape[:-3], -1)
-        gu = (g * self.u).sum(-1, keepdim=True)
-        out = g - g.mean(-1, keepdim=True) - self.u * gu / self.n
-        return (out * self.factor.unsqueeze(-1)).reshape(shape)
+        gu = torch.linalg.vecdot(g, self.u).unsqueeze(-1)
+        # f * (g - mean(g) - u (g . u) / n), as (g - mean(g)) + (-1/n) u (g . u), then the row factor
+        out = torch.addcmul(g - g.mean(-1, keepdim=True), self.u, gu, value=-1.0 / self.n)
+        return out.mul_(self.factor.unsqueeze(-1)).reshape(shape)
 
     def sq_norms(self, row_sq: torch.Tensor, row_sum: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
         """Per-example ||J^T g||^2 from per-row ||g||^2, sum(g), g . u, each (B, p)."""
-        u_sq = self.u.square().sum(1)
-        inner = row_sq - row_sum.square() / self.n - gu.square() / self.n * (2.0 - u_sq / self.n)
-        return (self.factor.square() * inner.clamp_min(0.0)).sum(1)
+        n = self.n
+        # -(2 - ||u||^2 / n) / n per row: the weights' share, (p,)
+        k = torch.linalg.vecdot(self.u, self.u).mul_(1.0 / n**2).sub_(2.0 / n)
+        inner = torch.addcmul(row_sq, row_sum, row_sum, value=-1.0 / n).addcmul_(gu.square(), k)
+        return inner.clamp_min_(0.0) @ self.factor.square()
 
 
 class WSWeight(Contribution):
@@ -68,9 +71,6 @@ class WSWeight(Contribution):
 
     def instantiate(self) -> torch.Tensor:
         return self.jac.apply(self.inner.instantiate())
-
-    def drop(self, keep: torch.Tensor) -> None:
-        self.inner.drop(keep)
 
 
 @register_rule(WSConv2d, ScaledStdConv2d)
@@ -118,8 +118,8 @@ class WSConvRule(ConvRule):
             g = per_example.flatten(2)
             row_sum, gu = g.sum(2), (g * u.flatten(1)).sum(2)
         else:
-            gu = (d * saved[1].to(acc)).flatten(2).sum(2).view(B, augmult, p).sum(1)
-            row_sum = self._row_sums(call, x, d).view(B, augmult, p).sum(1)
+            gu = views_summed((d * saved[1].to(acc)).flatten(2).sum(2), augmult)
+            row_sum = views_summed(self._row_sums(call, x, d), augmult)
         out: list = []
         for name, param in trainable(m, "weight", "gain", "bias"):
             if name == "weight":
