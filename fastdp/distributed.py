@@ -115,15 +115,3 @@ def gather_objects(obj, group=None) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
-
-
-def sum_floats(values: list[float], group=None) -> list[float]:
-    """Element-wise sum of a few numbers over the ranks (e.g. loss sums and counts for logging)."""
-    group = active_group(group)
-    if group is None:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, group=group)
-    return t.tolist()

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,9 @@ from fastdp.accounting import compute_epsilon
 from fastdp.checkpoint import save_checkpoint
 from fastdp.data import DistributedPoissonSampler, PoissonSampler, augment, load_dataset, normalize
 from fastdp.data.image_dataset import ImageDataset
-from fastdp.distributed import broadcast_int, gather_objects, init_from_env, sum_floats
+from fastdp.distributed import active_group, broadcast_int, gather_objects, init_from_env
 from fastdp.ema import EMA
+from fastdp.host_read import HostRead
 from fastdp.models import build_model, load_timm_checkpoint
 from fastdp.optim import DPOptimizer
 from fastdp.presets import TrainConfig
@@ -349,7 +351,7 @@ def _evaluation(r: _Run) -> dict:
 
 def _train_step(r: _Run, idx: torch.Tensor, per_chunk: int) -> torch.Tensor | None:
     """One logical batch: a forward and backward per chunk, then the DP step. Returns the private statistics
-    (rows, loss sum, correct) when they are logged, still on the device (one host read per step, not per chunk)."""
+    (rows, loss sum, correct) when they are logged, added up on the device (read by the host later, see _Pending)."""
     cfg = r.cfg
     stats = torch.zeros(3, device=r.device) if cfg.log_private_stats else None
     # an empty Poisson batch has no forward or backward: its step is noise only (idx.split would yield one empty chunk)
@@ -363,14 +365,57 @@ def _train_step(r: _Run, idx: torch.Tensor, per_chunk: int) -> torch.Tensor | No
             loss = F.cross_entropy(logits.float(), y)
         loss.backward()
         if stats is not None:
-            rows = torch.tensor(float(len(y)), device=r.device)
-            stats += torch.stack((rows, loss.detach() * len(y), (logits.argmax(1) == y).sum().to(stats.dtype)))
+            correct = (logits.argmax(1) == y).sum().to(stats.dtype)
+            stats += torch.stack((torch.full_like(correct, len(y)), loss.detach() * len(y), correct))
     r.opt.step()
     r.sched.step()
     r.opt.zero_grad()
     if r.ema is not None:
         r.ema.update(r.model)
     return stats
+
+
+class _Pending:
+    """A step's record, waiting for the numbers the host needs of it: whether a signal asked to stop, the examples
+    and non-finite examples of the batch (--max-nonfinite-steps) and the private statistics (--log-private-stats).
+
+    They are counted on the device and, under torchrun, added up over the ranks with one all-reduce queued on it; the
+    host reads them ``_READ_LAG`` steps later (fastdp.host_read), so a GPU is never left waiting for the host to read
+    a number. Every rank reads step t's numbers at the same point of the loop: the ranks agree on when to stop.
+    """
+
+    def __init__(self, r: _Run, rec: dict, signal: bool, batch: int, stats: torch.Tensor | None) -> None:
+        self.rec = rec
+        host = [1.0 if signal else 0.0, float(r.opt.examples_last_batch), float(batch)]
+        device = []
+        if r.cfg.max_nonfinite_steps:
+            device.append(torch.as_tensor(r.opt.nonfinite_last_batch_tensor, device=r.device).float())
+        if stats is not None:
+            device.extend(stats.unbind())
+        vec = torch.stack(device) if device else None
+        group = active_group()
+        if group is not None:  # one all-reduce of everything: the host numbers travel with the device ones
+            on = r.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+            head = torch.tensor(host, dtype=torch.float32)
+            head = head.pin_memory().to(on, non_blocking=True) if on.type == "cuda" else head
+            vec = head if vec is None else torch.cat((head, vec.to(on)))
+            dist.all_reduce(vec, group=group)
+            host = None
+        self.host, self.read = host, None if vec is None else HostRead(vec)
+
+    def numbers(self) -> tuple[bool, float, float, list[float]]:
+        """(a signal on some rank, examples, batch, device numbers), waiting for the copy if it has not landed."""
+        values = [] if self.read is None else self.read.value()
+        if self.host is None:
+            self.host, values = values[:3], values[3:]
+        signal, examples, batch = self.host
+        return bool(signal), examples, batch, values
+
+
+def _read_lag(device: torch.device) -> int:
+    """Steps between a step and the host reading its numbers: 1 on a GPU (they are read while the next step runs), 0
+    on the CPU (there is no queue to keep fed)."""
+    return 1 if device.type == "cuda" else 0
 
 
 def _loop(r: _Run, progress: bool, stop: StopOnSignal | None) -> str:
@@ -380,9 +425,36 @@ def _loop(r: _Run, progress: bool, stop: StopOnSignal | None) -> str:
     eval_every = cfg.eval_every or max(1, r.steps // 10)
     last = min(r.steps, cfg.stop_at_step) if cfg.stop_at_step else r.steps
     per_chunk = max(1, cfg.max_physical_batch // cfg.augmult)  # examples per forward/backward
+    lag = _read_lag(r.device)
     bar = _progress(progress and r.main_rank, r.step, last)
     r.started = time.perf_counter()
     batches = iter(r.sampler)
+    pending: deque[_Pending] = deque()
+
+    def settle(keep: int) -> str | None:
+        """Write the records of all but the last ``keep`` pending steps; why to stop, if one of them says so."""
+        outcome = None
+        while len(pending) > keep:
+            p = pending.popleft()
+            signal, examples, batch, values = p.numbers()
+            if cfg.max_nonfinite_steps:
+                nonfinite, values = values[0], values[1:]
+                if examples:  # an empty batch says nothing either way
+                    r.nonfinite_streak = r.nonfinite_streak + 1 if nonfinite == examples else 0
+                if r.nonfinite_streak >= cfg.max_nonfinite_steps:
+                    outcome = outcome or "nonfinite"
+            if values:
+                rows, loss_sum, correct = values
+                p.rec["batch"] = int(batch)
+                if rows:
+                    p.rec.update(loss=loss_sum / rows, train_accuracy=correct / rows)
+            r.log.write(p.rec)
+            bar.update(p.rec)
+            if signal:
+                r.signal = r.signal or "a signal to another rank"
+                outcome = "interrupted"
+        return outcome
+
     if stop is not None:  # from here on a signal stops the run after a complete step, with a checkpoint
         stop.deferred = True
     try:
@@ -393,36 +465,21 @@ def _loop(r: _Run, progress: bool, stop: StopOnSignal | None) -> str:
             stats = _train_step(r, idx, per_chunk)
             r.step += 1
             rec = {"step": r.step, "lr": r.sched.get_last_lr()[0], "seconds": round(r.seconds(), 2)}
-            # what the step needs on the host, added over the ranks in one all-reduce: a signal on any rank stops
-            # every rank after the same step
-            signal = stop.requested() if stop is not None else None
-            counts = [1.0 if signal else 0.0]
-            if cfg.max_nonfinite_steps:
-                counts += [r.opt.nonfinite_last_batch, r.opt.examples_last_batch]
-            if stats is not None:
-                counts += [len(idx), *stats.tolist()]
-            counts = sum_floats(counts)
-            stop_code, counts = counts[0], counts[1:]
-            if cfg.max_nonfinite_steps:
-                (nonfinite, examples), counts = counts[:2], counts[2:]
-                if examples:  # an empty batch says nothing either way
-                    r.nonfinite_streak = r.nonfinite_streak + 1 if nonfinite == examples else 0
-            if stats is not None:
-                batch, rows, loss_sum, correct = counts
-                rec["batch"] = int(batch)
-                if rows:
-                    rec.update(loss=loss_sum / rows, train_accuracy=correct / rows)
             if r.step % eval_every == 0 or r.step == r.steps:
                 rec.update(_evaluation(r))
-            r.log.write(rec)
-            bar.update(rec)
-            if cfg.max_nonfinite_steps and r.nonfinite_streak >= cfg.max_nonfinite_steps and r.step < last:
-                return "nonfinite"  # every rank: the counts were added up over them
-            if stop_code:
-                r.signal = signal or "a signal to another rank"
-                return "interrupted"
-            if cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0 and r.step < last:
+            signal = stop.requested() if stop is not None else None
+            r.signal = r.signal or signal or ""
+            pending.append(_Pending(r, rec, bool(signal), len(idx), stats))
+            checkpoint = cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0 and r.step < last
+            outcome = settle(0 if checkpoint else lag)
+            if outcome == "nonfinite" and r.step >= last:
+                outcome = None  # the run ends here anyway
+            if outcome:
+                settle(0)
+                return outcome
+            if checkpoint:
                 _checkpoint(r)
+        settle(0)
         return "finished" if r.step >= r.steps else "stopped"
     finally:
         bar.close()
