@@ -155,6 +155,86 @@ def test_per_sample_norm_conv2d_bf16():
     assert_low_precision(n, ref, psn.per_sample_norm_conv2d_ref(x, delta, 3, 1, 1))
 
 
+def _within_stated_bound(s, g64, m64, bound):
+    """|sqrt(s_i) - ||G_i||| <= epsilon K_i + eta (||G_i|| + epsilon K_i) per example, the bound of
+    per_sample_norm's docstring, with G_i and M_i = |delta_i|^T |a_i| in float64."""
+    eps, eta = bound
+    norm = torch.linalg.vector_norm(g64.flatten(1), dim=1)
+    K = torch.linalg.vector_norm(m64.flatten(1), dim=1)
+    err = (s.double().cpu().sqrt() - norm.cpu()).abs()
+    allowed = eps * K.cpu() + eta * (norm.cpu() + eps * K.cpu())
+    assert (err <= allowed).all(), (err, allowed)
+    return err / norm.cpu()
+
+
+PRECISIONS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS, ids=["fp32-tf32x3", "bf16", "fp16"])
+def test_per_sample_norm_error_within_stated_bound(dtype):
+    """The privacy contract of each precision (README, Precision of the per-example norms): the computed norm is
+    within the bound of norm_error_bound against float64 on the operands as given, linear and conv; and the norm
+    is that of the G_i the kernel writes (fused_keep clips what it keeps)."""
+    gen = torch.Generator().manual_seed(12)
+    B, T, d, p = 3, 45, 20, 33
+    # rows of very different scales: |delta|^T |a| is far above |G| for some entries, the bound is not trivial
+    scale = torch.logspace(-3, 3, T, dtype=torch.float32).view(1, T, 1).to(DEVICE)
+    a = (randn(B, T, d, gen=gen) * scale).to(dtype)
+    delta = (randn(B, T, p, gen=gen) / scale).to(dtype)
+    out = nan_like((B, p, d))
+    s = psn.per_sample_norm(a, delta, out=out)
+    a64, d64 = a.double(), delta.double()
+    g64 = psn.per_sample_grad_ref(a64, d64)
+    m64 = psn.per_sample_grad_ref(a64.abs(), d64.abs())
+    rel = _within_stated_bound(s, g64, m64, psn.norm_error_bound(dtype, T, p, d, torch.device(DEVICE)))
+    assert rel.max() < 1e-3
+    # the kept gradients' own norm: only the sum of squares' rounding separates the two
+    _, eta = psn.norm_error_bound(dtype, T, p, d, torch.device(DEVICE))
+    kept = torch.linalg.vector_norm(out.double().flatten(1), dim=1).square()
+    assert ((s.double() - kept).abs() <= 2 * eta * kept).all()
+
+    x = randn(2, 3, 6, 5, gen=gen).to(dtype)
+    dc = randn(2, 18, 6, 5, gen=gen).to(dtype)
+    s = psn.per_sample_norm_conv2d(x, dc, 3, padding=1)
+    args = (3, 1, 1)
+    g64 = psn.per_sample_grad_conv2d_ref(x.double(), dc.double(), *args)
+    m64 = psn.per_sample_grad_conv2d_ref(x.double().abs(), dc.double().abs(), *args)
+    _within_stated_bound(s, g64, m64, psn.norm_error_bound(dtype, 30, 18, 27, torch.device(DEVICE), conv=True))
+
+
+def _tf32(x: torch.Tensor, rounding: bool) -> torch.Tensor:
+    """fp32 -> TF32 (10 mantissa bits) as the GPU does: cvt.rna (to nearest, ties away) or the MMA's truncation."""
+    bits = x.view(torch.int32)
+    if rounding:
+        bits = bits + 0x1000
+    return (bits & ~0x1FFF).view(torch.float32)
+
+
+def test_tf32x3_product_error_bound():
+    """The derivation behind dot_error_bound for fp32, checked on the arithmetic it models (the interpreter computes
+    tf32x3 dots in plain fp32, so the kernels cannot show it on a CPU): Triton's F32DotTC splits x into
+    x_hi = rna(x) and x - x_hi, which the TF32 MMA truncates; three exact products leave out at most
+    u^2 (5 + 4 u) |x y| (u = 2^-11), and plain TF32 would not meet that bound."""
+    from fastdp.kernels._triton import U_TF32
+
+    gen = torch.Generator().manual_seed(5)
+    # random significands over many binades, and the worst cases of the split: tails near half a TF32 ulp
+    x = torch.randn(200_000, generator=gen) * torch.exp2(torch.randint(-30, 30, (200_000,), generator=gen).float())
+    y = torch.randn(200_000, generator=gen) * torch.exp2(torch.randint(-30, 30, (200_000,), generator=gen).float())
+    x[:1000] = (1 + (torch.arange(1000) % 7 + 0.5) * 2.0**-11 + 2.0**-20).float()
+    y[:1000] = (1 - (torch.arange(1000) % 5 + 0.5) * 2.0**-11 - 2.0**-21).float()
+    xh, yh = _tf32(x, True), _tf32(y, True)
+    xl, yl = _tf32(x - xh, False), _tf32(y - yh, False)
+    three = xh.double() * yh.double() + xh.double() * yl.double() + xl.double() * yh.double()
+    exact = x.double() * y.double()
+    u = U_TF32
+    rel = ((three - exact).abs() / exact.abs()).max().item()
+    assert rel <= u * u * (5 + 4 * u), rel
+    assert rel > 0.1 * u * u  # the bound is approached, not vacuous
+    plain = ((xh.double() * yh.double() - exact).abs() / exact.abs()).max().item()
+    assert plain > 100 * u * u * (5 + 4 * u)
+
+
 def test_per_sample_norm_empty():
     assert psn.per_sample_norm(randn(0, 4, 3), randn(0, 4, 2)).shape == (0,)
     out = nan_like((2, 2, 3))
