@@ -38,7 +38,17 @@ from torch import nn
 from fastdp.engine import costs
 from fastdp.engine.contributions import Kept, accum_dtype, mask_rows
 from fastdp.engine.interface import Contribution, LayerKernels
-from fastdp.rules.base import Cost, LayerCall, Rule, Strategies, Strategy, compute_dtype, register_rule, trainable
+from fastdp.rules.base import (
+    Cost,
+    LayerCall,
+    Rule,
+    Strategies,
+    Strategy,
+    compute_dtype,
+    kernel_operands,
+    register_rule,
+    trainable,
+)
 from fastdp.rules.conv_ghost import shifted_ghost, unfolded_ghost
 
 _convolution_backward = torch.ops.aten.convolution_backward
@@ -122,6 +132,9 @@ class ConvGeometry:
         )
 
 
+#: the strategies whose norm runs in the backend's kernels
+FUSED = frozenset({"fused_keep", "fused_bk"})
+
 #: strategies that never form per-example gradients (their clipped sum is book-keeping)
 GHOST_STRATEGIES = frozenset({"ghost", "shifted_ghost"})
 
@@ -155,11 +168,18 @@ class ConvBookKeeping(Contribution):
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             return self.kernel(self.x, self.d, w, self.geom, self.augmult)
-        w = w.to(self.d.dtype).repeat_interleave(self.augmult)
-        return self.geom.grad_weight(self.d * w.view(-1, *([1] * (self.d.dim() - 1))), self.x)
+        x, d = self._accum()
+        w = w.to(d.dtype).repeat_interleave(self.augmult)
+        return self.geom.grad_weight(d * w.view(-1, *([1] * (d.dim() - 1))), x)
 
     def instantiate(self) -> torch.Tensor:
-        return self.geom.per_example_grad_weight(self.x, self.d, self.augmult)
+        return self.geom.per_example_grad_weight(*self._accum(), self.augmult)
+
+    def _accum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x and delta in the accumulation dtype: a fused norm holds them as 16-bit tensors under autocast, and the
+        torch weight gradient would otherwise round in 16 bits."""
+        acc = accum_dtype(self.d.dtype)
+        return self.x.to(acc), self.d.to(acc)
 
     def drop(self, keep: torch.Tensor) -> None:
         self.x = mask_rows(self.x, keep, self.augmult)
@@ -270,7 +290,8 @@ def _shifted_ghost(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: i
 
 def _fused_keep(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool) -> ConvWeight:
     geom: ConvGeometry = call.info["geom"]
-    g = x.new_empty(x.shape[0] // augmult, *geom.weight_shape)
+    # G_i in the accumulation dtype whatever the operands' (16-bit under autocast): the norm is that of what is kept
+    g = x.new_empty(x.shape[0] // augmult, *geom.weight_shape, dtype=accum_dtype(x.dtype))
     kept = Kept(g, call.engine.kernels.conv2d_norm(x, d, geom, augmult, g))
     return kept, _sq(g, kept, per_row), g
 
@@ -369,18 +390,23 @@ class ConvRule(Rule):
         m = call.module
         (x,) = saved
         acc = accum_dtype(m.weight.dtype)
-        x, d = x.to(acc), grad_out.to(acc)
+        # fused strategies take 16-bit operands as they are (tensor cores, fp32 accumulation), the others fp32
+        if call.strategy in FUSED:
+            x, d = kernel_operands(call.engine.kernels, acc, x, grad_out)
+        else:
+            x, d = x.to(acc), grad_out.to(acc)
         out: list = []
         for name, p in trainable(m, "weight", "bias"):
             if name == "bias":
-                out.append((p, Kept(bias_grads(d, augmult).to(p.dtype))))
+                out.append((p, Kept(bias_grads(d, augmult, acc).to(p.dtype))))
             else:
                 contribution, _, _ = self.weight_contribution(call, x, d, augmult)
                 out.append((p, contribution))
         return out
 
 
-def bias_grads(d: torch.Tensor, augmult: int) -> torch.Tensor:
-    """Per-example bias gradient: delta summed over positions and views, (B, C_out)."""
-    per_row = d.flatten(2).sum(2)
+def bias_grads(d: torch.Tensor, augmult: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-example bias gradient: delta summed over positions and views, (B, C_out), accumulated in ``dtype``
+    (default: delta's)."""
+    per_row = d.flatten(2).sum(2, dtype=dtype)
     return per_row.view(-1, augmult, per_row.shape[1]).sum(1)
