@@ -281,6 +281,47 @@ def test_ghost_norm_bf16_and_empty():
     assert torch.equal(gn.ghost_norm(randn(2, 0, 2), randn(2, 0, 4)).cpu(), torch.zeros(2))
 
 
+GHOST_CONV_CASES = [
+    # N, C, H, W, p, kernel, stride, padding, dilation, augmult, channels_last: an 8x8 layer (T = 64 > BLOCK_T), a
+    # strided one with two views per example and an asymmetric geometry
+    (3, 3, 8, 8, 5, 3, 1, 1, 1, 1, False),
+    (4, 2, 7, 9, 6, (2, 3), (2, 1), (0, 2), (2, 1), 2, True),
+]
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS, ids=["fp32-tf32x3", "bf16", "fp16"])
+@pytest.mark.parametrize("N, C, H, W, p, k, s, pad, dil, K, cl", GHOST_CONV_CASES)
+def test_ghost_norm_conv2d(N, C, H, W, p, k, s, pad, dil, K, cl, dtype):
+    """The implicit-GEMM ghost norm of a conv against float64 unfold + bmm on the same operands, within the stated
+    bound (2 epsilon + epsilon^2 + eta (1 + epsilon)^2) ||M_i||_F^2 of ghost_norm's docstring."""
+    gen = torch.Generator().manual_seed(N * 10 + C)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = randn(N, C, H, W, gen=gen).to(dtype)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.zeros(p, C, kh, kw, device=DEVICE)
+    ho, wo = torch.nn.functional.conv2d(x.float(), w, stride=s, padding=pad, dilation=dil).shape[2:]
+    delta = randn(N, p, ho, wo, gen=gen).to(dtype)
+    sq = gn.ghost_norm_conv2d(x, delta, (kh, kw), stride=s, padding=pad, dilation=dil, augmult=K)
+    assert sq.dtype == torch.float32 and sq.shape == (N // K,)
+    args = ((kh, kw), s, pad, dil, K)
+    g64 = psn.per_sample_grad_conv2d_ref(x.double(), delta.double(), *args)
+    m64 = psn.per_sample_grad_conv2d_ref(x.double().abs(), delta.double().abs(), *args)
+    eps, eta = gn.ghost_error_bound(dtype, K * ho * wo, C * kh * kw, p, torch.device(DEVICE))
+    ref = torch.linalg.vector_norm(g64.flatten(1), dim=1).square().cpu()
+    allowed = (2 * eps + eps * eps + eta * (1 + eps) ** 2) * torch.linalg.vector_norm(m64.flatten(1), dim=1).square()
+    err = (sq.double().cpu() - ref).abs()
+    assert (err <= allowed.cpu()).all(), (err, allowed)
+    assert (err <= 1e-4 * ref).all()  # well-conditioned random data: far inside the worst case
+
+
+def test_ghost_norm_conv2d_empty_and_errors():
+    x, d = randn(0, 2, 5, 5), randn(0, 3, 3, 3)
+    assert gn.ghost_norm_conv2d(x, d, 3).shape == (0,)
+    with pytest.raises(ValueError, match="delta must be"):
+        gn.ghost_norm_conv2d(randn(2, 2, 5, 5), randn(2, 3, 4, 4), 3)
+
+
 # ------------------------------------------------------------------------------------------------ clip-reduce
 
 
