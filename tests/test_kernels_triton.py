@@ -528,6 +528,35 @@ def test_noisy_step_mixed_dtypes_and_offsets():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_noisy_step_pointer_table_built_once(monkeypatch):
+    """The static pointer table (parameters, state, sizes, offsets) is built once per set of tensors: fresh clipped
+    sums each step, as the engine makes them, only change the sums vector. Built twice here: before and after the
+    first step creates the momentum buffers."""
+    static_builds = []
+    real = ns._to_device
+
+    def counting(values, device):
+        if values and isinstance(values[0], tuple):
+            static_builds.append(values)
+        return real(values, device)
+
+    monkeypatch.setattr(ns, "_to_device", counting)
+    monkeypatch.setattr(ns, "_TABLE_CACHE", {})
+    monkeypatch.setattr(ns, "_SUMS_CACHE", {})
+    gen = torch.Generator().manual_seed(3)
+    params, bufs = [randn(37, gen=gen), randn(5, 3, gen=gen)], [None, None]
+    ref_p = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.SGD(ref_p, lr=0.1, momentum=0.9)
+    for step in range(4):
+        sums = [randn(37, gen=gen), None if step == 2 else randn(5, 3, gen=gen)]
+        ns.noisy_step(params, sums, std=0.5, expected_batch_size=4, seed=1, step=step, lr=0.1, momentum=0.9,
+                      momentum_buffers=bufs)  # fmt: skip
+        ns.noisy_step_ref(opt, sums, std=0.5, expected_batch_size=4, seed=1, step=step)
+    assert len(static_builds) == 2
+    for p, q in zip(params, ref_p, strict=True):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_noisy_step_edge_cases():
     p = randn(5)
     before = p.clone()
