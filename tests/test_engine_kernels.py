@@ -82,7 +82,10 @@ def test_fused_strategies_match_float64_loop(name, strategy, augmult, backend):
         "fused_keep": layers,
         "fused_bk": [n for n in layers if not (name == "ws" and n == "c1")],
         "fused_ghost": [
-            n for n in layers if n in LINEAR and (name == "seq" or augmult > 1) and lk.linear_ghost_norm is not None
+            n
+            for n in layers
+            if (n in LINEAR and (name == "seq" or augmult > 1) and lk.linear_ghost_norm is not None)
+            or (n not in LINEAR and lk.conv2d_ghost_norm is not None and not (name == "ws" and n == "c1"))
         ],
     }[strategy]
     assert [n for n, s in plans.items() if s == strategy] == expected

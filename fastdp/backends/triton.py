@@ -86,6 +86,11 @@ def _layer_kernels(device_type: str) -> LayerKernels:
             augmult=augmult, out_dtype=_accum(x.dtype),
         )  # fmt: skip
 
+    def conv2d_ghost_norm(x, delta, geom, augmult):
+        return gn.ghost_norm_conv2d(
+            x, delta, geom.kernel, stride=geom.stride, padding=geom.padding, dilation=geom.dilation, augmult=augmult
+        )
+
     def linear_bookkeeping(a, delta, w):
         return cr.clip_reduce_bookkeeping(a, delta, w, out_dtype=_accum(a.dtype))
 
@@ -97,4 +102,5 @@ def _layer_kernels(device_type: str) -> LayerKernels:
         linear_bookkeeping=linear_bookkeeping,
         conv2d_norm=conv2d_norm,
         conv2d_bookkeeping=conv2d_bookkeeping,
+        conv2d_ghost_norm=conv2d_ghost_norm,
     )

@@ -69,7 +69,9 @@ class LayerKernels:
     - ``linear_ghost_norm(a, delta)``       the same norm from tiles of the two Gram matrices (T > 1),
     - ``linear_bookkeeping(a, delta, w)``   sum_i w_i delta_i^T a_i, (p, d),
     - ``conv2d_norm(x, delta, geom, K, out)``        the per-example norm of a Conv2d (groups 1) by implicit GEMM,
-    - ``conv2d_bookkeeping(x, delta, w, geom, K)``   its clipped sum, (p, C, kh, kw).
+    - ``conv2d_bookkeeping(x, delta, w, geom, K)``   its clipped sum, (p, C, kh, kw),
+    - ``conv2d_ghost_norm(x, delta, geom, K)``       its norm by the ghost norm over the K Ho Wo positions (the
+                                                     low-resolution layers).
     """
 
     #: the device type the kernels take tensors on ('cuda'; 'cpu' only in Triton's interpreter, for tests)
@@ -80,6 +82,7 @@ class LayerKernels:
     linear_bookkeeping: Callable | None = None
     conv2d_norm: Callable | None = None
     conv2d_bookkeeping: Callable | None = None
+    conv2d_ghost_norm: Callable | None = None
 
     def takes(self, t: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the kernels run on ``t``'s device for operands of ``dtype`` (the rule's accumulation dtype)."""

@@ -21,8 +21,10 @@ name, cost, contribution):
              8x8 it costs about one weight gradient or less where instantiating costs 2-4.
 
 Where the engine's backend has the layer kernels (fastdp/backends/; Conv2d, groups 1):
-``fused_keep`` (the implicit-GEMM norm kernel also writes G_i, the norm costs no extra pass) and ``fused_bk``
-(the norm kernel, then the book-keeping sum by the backend's kernel, else the scaled weight-gradient convolution).
+``fused_keep`` (the implicit-GEMM norm kernel also writes G_i, the norm costs no extra pass), ``fused_bk``
+(the norm kernel, then the book-keeping sum by the backend's kernel, else the scaled weight-gradient convolution)
+and ``fused_ghost`` (the ghost norm by implicit GEMM, patch Grams in registers, then the same book-keeping: the
+low-resolution layers, where 2 T'^2 < p d).
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ class ConvGeometry:
 
 
 #: the strategies whose norm runs in the backend's kernels
-FUSED = frozenset({"fused_keep", "fused_bk"})
+FUSED = frozenset({"fused_keep", "fused_bk", "fused_ghost"})
 
 #: strategies that never form per-example gradients (their clipped sum is book-keeping)
 GHOST_STRATEGIES = frozenset({"ghost", "shifted_ghost"})
@@ -200,6 +202,7 @@ class ConvShape:
     ghost: float | None  # the ghost norm of unfolded x and delta, None where not offered
     shifted: float | None  # the shifted-diagonal ghost norm (stride 1), None where not offered
     fused_norm: bool  # the backend's implicit-GEMM norm takes the layer
+    fused_ghost: float | None  # the backend's implicit-GEMM ghost norm (2 B T'^2 (d + p)), None where not offered
     per_row: bool  # the rule needs per-output-row norms (WS convs): the fused norm gives none without G_i
 
 
@@ -237,9 +240,11 @@ def conv_shape(
         shifted = grams + costs.stream(2 * math.prod(module.kernel_size) * B * module.groups * Tk * Tk * esize)
     fused = kernels is not None and kernels.conv2d_norm is not None and len(module.kernel_size) == 2
     fused = fused and module.groups == 1 and kernels.takes(x, accum_dtype(module.weight.dtype))
+    # the ghost norm's Grams in registers: no unfold traffic, the book-keeping GEMM replaces the weight gradient
+    fused_ghost = 2.0 * B * Tk * Tk * (d + p) if fused and kernels.conv2d_ghost_norm is not None else None
     return ConvShape(
         B=B, Tk=Tk, wgrad=wgrad, kept=kept, held=held, grouped=grouped_eff * wgrad + costs.stream(kept),
-        unfold=unfold, ghost=ghost, shifted=shifted, fused_norm=fused, per_row=per_row,
+        unfold=unfold, ghost=ghost, shifted=shifted, fused_norm=fused, fused_ghost=fused_ghost, per_row=per_row,
     )  # fmt: skip
 
 
@@ -302,6 +307,12 @@ def _fused_bk(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, p
     return ConvBookKeeping(geom, x, d, sq, augmult, kernels.conv2d_bookkeeping), sq, None
 
 
+def _fused_ghost(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool) -> ConvWeight:
+    geom, kernels = call.info["geom"], call.engine.kernels
+    sq = kernels.conv2d_ghost_norm(x, d, geom, augmult)
+    return ConvBookKeeping(geom, x, d, sq, augmult, kernels.conv2d_bookkeeping), sq, None
+
+
 #: the weight's strategies; costs are FLOP-equivalents minus the ordinary weight gradient each replaces (book-keeping
 #: strategies pay their scaled GEMM, which replaces it). The implicit-GEMM norm runs the weight gradient's FLOPs per
 #: example, no unfold; writing G_i replaces the weight gradient.
@@ -339,6 +350,13 @@ CONV_STRATEGIES = Strategies(
         offered=lambda s: s.fused_norm and not s.per_row,
         cost=lambda s: Cost(s.wgrad, s.held),
         contribute=_fused_bk,
+    ),
+    # the ghost norm in the backend's kernel (low resolution: 2 T'^2 < p d), then book-keeping; total norms only
+    Strategy(
+        "fused_ghost",
+        offered=lambda s: s.fused_ghost is not None and not s.per_row,
+        cost=lambda s: Cost(s.fused_ghost, s.held),
+        contribute=_fused_ghost,
     ),  # fmt: skip
 )
 
