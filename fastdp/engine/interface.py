@@ -62,7 +62,9 @@ class Contribution:
 @dataclass(frozen=True)
 class LayerKernels:
     """The fused per-layer kernels a backend offers the plan (None: the torch strategy does that part). They compute
-    exactly what the torch strategies compute, with fp32 accumulation:
+    what the torch strategies compute, with fp32 accumulation, within the error each precision states (bf16/fp16
+    operands as given, fp32 by tf32x3 on tensor cores: fastdp.kernels._triton.dot_error_bound, README "How exactly C
+    is enforced"):
 
     - ``linear_norm(a, delta, out)``        ||delta_i^T a_i||_F^2 for a (B, T, d), delta (B, T, p); ``out``
                                             (B, p, d) or None receives G_i (the fused_keep plan),
