@@ -423,6 +423,33 @@ def test_clip_reduce_bookkeeping_conv2d(N, C, H, W, p, k, s, pad, dil, K, cl, dt
         assert_low_precision(s_default, ref, cr.clip_reduce_bookkeeping_conv2d_ref(x, delta, c, *args))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_clip_reduce_bookkeeping_16bit_keeps_the_clipped_contributions(dtype):
+    """16-bit operands: the book-keeping sum is within (2^-17 + epsilon_2n) sum_i |c_i| |delta_i|^T |a_i| of
+    float64 on the same operands, linear and conv: c_i delta_i enters the tensor cores as a 16-bit head and tail
+    (2^-18 relative for bf16). Rounding it to one 16-bit number instead errs by up to 2^-9 and fails this bound."""
+    from fastdp.kernels._triton import dot_error_bound
+
+    gen = torch.Generator().manual_seed(21)
+    B, T, d, p = 3, 20, 18, 20
+    a, delta = randn(B, T, d, gen=gen).to(dtype), randn(B, T, p, gen=gen).to(dtype)
+    c = (torch.rand(B, generator=gen) * 0.9 + 0.05).to(DEVICE)
+    s = cr.clip_reduce_bookkeeping(a, delta, c, out_dtype=torch.float32)
+    ref = cr.clip_reduce_bookkeeping_ref(a.double(), delta.double(), c.double())
+    mag = cr.clip_reduce_bookkeeping_ref(a.double().abs(), delta.double().abs(), c.double())
+    bound = (2.0**-17 + dot_error_bound(dtype, 2 * B * T + 2)) * mag
+    assert ((s.double() - ref).abs() <= bound).all()
+
+    x, dx = randn(4, 3, 7, 6, gen=gen).to(dtype), randn(4, 17, 7, 6, gen=gen).to(dtype)
+    c = (torch.rand(2, generator=gen) * 0.9 + 0.05).to(DEVICE)
+    s = cr.clip_reduce_bookkeeping_conv2d(x, dx, c, 3, padding=1, augmult=2, out_dtype=torch.float32)
+    args = (3, 1, 1, 1, 2)
+    ref = cr.clip_reduce_bookkeeping_conv2d_ref(x.double(), dx.double(), c.double(), *args)
+    mag = cr.clip_reduce_bookkeeping_conv2d_ref(x.double().abs(), dx.double().abs(), c.double(), *args)
+    bound = (2.0**-17 + dot_error_bound(dtype, 2 * 4 * 42 + 2)) * mag
+    assert ((s.double() - ref).abs() <= bound).all()
+
+
 def test_clip_reduce_bookkeeping_conv2d_empty():
     zero = torch.zeros(0, device=DEVICE)
     empty = cr.clip_reduce_bookkeeping_conv2d(randn(0, 3, 5, 5), randn(0, 4, 3, 3), zero, 3)
