@@ -9,6 +9,9 @@ shapes and dtypes the host wrappers choose for a GPU (the wrappers run on CPU te
 and Triton's bundled ptxas reports registers and spill bytes. Exit status 1 if any kernel fails to compile or
 spills registers (as .ci/check_cuda for csrc/), 2 if the stand-in driver does not fit this Triton version (then
 nothing was checked).
+
+The matmul kernels' fp32 (tf32x3), bf16 and fp16 variants must also issue tensor-core instructions: their SASS
+(Triton's bundled cuobjdump) is read for HGMMA/HMMA and FFMA (``_tensor_core_failures``); none is a failure.
 """
 
 from __future__ import annotations

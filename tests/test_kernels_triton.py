@@ -636,6 +636,9 @@ def test_kernels_compile_for_sm90():
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("ok   sm_90") >= 20, r.stdout
+    # the matmul kernels (7 signatures x fp32/bf16/fp16) were checked for tensor-core instructions in their SASS
+    if "tensor cores: unchecked" not in r.stdout:
+        assert r.stdout.count("tensor cores: HGMMA") >= 21, r.stdout
 
 
 # ------------------------------------------------------------------------------------------------------- GPU
