@@ -152,6 +152,31 @@ def test_ghost_norm(benchmark, provider, dtype, shape):
     _run(benchmark, fn, f"ghost_norm {shape} {dtype}", 2.0 * B * T * T * (d + p), "TFLOP/s", provider, shape=shape)
 
 
+# (B, C_in, C_out, H): the WRN-16-4 8x8 and 16x16 stages, where the ghost norm (T^2 (d + p)) may beat
+# instantiating G_i (2 T p d); "triton-instantiate" is the implicit-GEMM norm on the same layer, for that comparison
+GHOST_CONV = [(2, 3, 5, 6)] if SMOKE else [(32, 256, 256, 8), (32, 128, 128, 16)]
+
+
+@pytest.mark.parametrize("provider", ["torch", "triton", "triton-instantiate"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GHOST_CONV, ids=str)
+def test_ghost_norm_conv2d(benchmark, provider, dtype, shape):
+    B, cin, cout, H = shape
+    x, delta = _randn(B, cin, H, H, dtype=dtype), _randn(B, cout, H, H, dtype=dtype)
+    if provider == "torch":  # unfold, then the two Gram matrices in memory
+        fn = lambda: gn.ghost_norm_ref(psn.unfold_conv2d(x, 3, 1, 1), delta.flatten(2).transpose(1, 2))  # noqa: E731
+    elif provider == "triton":
+        fn = lambda: gn.ghost_norm_conv2d(x, delta, 3, padding=1)  # noqa: E731
+    else:
+        fn = lambda: psn.per_sample_norm_conv2d(x, delta, 3, padding=1)  # noqa: E731
+    T, d = H * H, cin * 9
+    # the same FLOP model for every provider: the full double sum of the ghost norm
+    _run(
+        benchmark, fn, f"ghost_norm conv3x3 {shape} {dtype}", 2.0 * B * T * T * (d + cout), "TFLOP/s", provider,
+        shape=shape, instantiate_flops=2.0 * B * T * cout * d,
+    )  # fmt: skip
+
+
 KEPT = [(4, 1000)] if SMOKE else [(256, 64 * 64 * 9), (64, 1 << 20)]  # (B, P): a WRN 3x3 conv, a 1M-param layer
 
 

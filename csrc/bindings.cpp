@@ -339,8 +339,11 @@ Tensor& clip_reduce_out_cuda(const Tensor& grads, const Tensor& weights, Tensor&
   const ClipReduceArgs a = check_clip_reduce(grads, weights, out, op);
   if (a.P == 0) return out;
   const c10::cuda::CUDAGuard guard(grads.device());
-  clip_reduce_cuda(to_dtype(grads), to_dtype(out), grads.data_ptr(), a.weights.data_ptr(), out.data_ptr(), a.B, a.P,
-                   current_stream(grads.device()));
+  // the splits' partial sums, in the weights' (accumulation) dtype; none when the columns fill the GPU
+  const int64_t ws = clip_reduce_workspace_elems(a.B, a.P);
+  Tensor workspace = ws > 0 ? at::empty({ws}, a.weights.options()) : Tensor();
+  clip_reduce_cuda(to_dtype(grads), to_dtype(out), grads.data_ptr(), a.weights.data_ptr(), out.data_ptr(),
+                   ws > 0 ? workspace.data_ptr() : nullptr, a.B, a.P, current_stream(grads.device()));
   return out;
 }
 

@@ -16,8 +16,11 @@ namespace fastdp {
 // float32 for bfloat16 grads).
 void clip_reduce_cpu(DType grads_dtype, DType out_dtype, const void* grads, const void* weights, void* out, int64_t B,
                      int64_t P, int num_threads);
+// CUDA: the rows are split over blocks when the columns alone cannot fill the GPU; the splits' partial sums need a
+// workspace of clip_reduce_workspace_elems(B, P) Acc elements (0: none; for the current device's SM count).
+int64_t clip_reduce_workspace_elems(int64_t B, int64_t P);
 void clip_reduce_cuda(DType grads_dtype, DType out_dtype, const void* grads, const void* weights, void* out,
-                      int64_t B, int64_t P, void* stream);
+                      void* workspace, int64_t B, int64_t P, void* stream);
 
 // ---- noisy optimizer step over a list of tensors ---------------------------------------------------------------
 // All tensors of one call share `dtype` (float32 or float64). Tensor k has numels[k] elements and occupies noise

@@ -9,6 +9,9 @@ shapes and dtypes the host wrappers choose for a GPU (the wrappers run on CPU te
 and Triton's bundled ptxas reports registers and spill bytes. Exit status 1 if any kernel fails to compile or
 spills registers (as .ci/check_cuda for csrc/), 2 if the stand-in driver does not fit this Triton version (then
 nothing was checked).
+
+The matmul kernels' fp32 (tf32x3), bf16 and fp16 variants must also issue tensor-core instructions: their SASS
+(Triton's bundled cuobjdump) is read for HGMMA/HMMA and FFMA (``_tensor_core_failures``); none is a failure.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ def check(arch: int) -> int:
         return torch.empty(*shape, dtype=dtype)
 
     cases = []
-    for dt in (torch.float32, torch.bfloat16):
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
         n = str(dt).replace("torch.", "")
         cases += [
             (
@@ -134,6 +137,10 @@ def check(arch: int) -> int:
                 ),
             ),
             (f"ghost_norm {n}", lambda dt=dt: gn.ghost_norm(t(8, 256, 512, dtype=dt), t(8, 256, 384, dtype=dt))),
+            (  # WRN's 8x8 stage: 256 -> 256 channels, 3x3
+                f"ghost_norm_conv2d {n}",
+                lambda dt=dt: gn.ghost_norm_conv2d(t(8, 256, 8, 8, dtype=dt), t(8, 256, 8, 8, dtype=dt), 3, padding=1),
+            ),
             (f"clip_reduce {n}", lambda dt=dt: cr.clip_reduce(t(64, 1 << 16, dtype=dt), t(64))),
             (
                 f"clip_reduce_bookkeeping {n}",
@@ -211,7 +218,51 @@ def check(arch: int) -> int:
                 f"{'SPILL' if spilled else 'ok  '} sm_{arch} {label:42s} {name:40s} regs {regs:>3} spill bytes "
                 f"{spills:>3} ld.v4 {v4:3d} mma {mma}"
             )
+            failed += _tensor_core_failures(triton, label, name, kernel, arch)
     return 1 if failed else 0
+
+
+#: the kernels whose inner loop is a tl.dot: their fp32 (tf32x3), bf16 and fp16 variants must run on tensor cores
+TENSOR_CORE_KERNELS = frozenset(
+    {
+        "_per_sample_norm_linear_kernel",
+        "_per_sample_norm_conv2d_kernel",
+        "_ghost_norm_kernel",
+        "_ghost_norm_conv2d_kernel",
+        "_clip_reduce_bookkeeping_kernel",
+        "_clip_reduce_bookkeeping_conv2d_kernel",
+    }
+)
+
+
+def _sass_counts(triton, cubin: bytes) -> dict[str, int] | None:
+    """Counts of tensor-core (HGMMA: sm_90a warpgroup MMA; HMMA: warp MMA) and FFMA instructions in the SASS of a
+    cubin, by the cuobjdump Triton bundles; None where it is missing."""
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(exe):
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([exe, "--dump-sass", path], capture_output=True, text=True).stdout
+    return {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA", "FFMA")}
+
+
+def _tensor_core_failures(triton, label: str, name: str, kernel, arch: int) -> int:
+    """1 if a matmul kernel's compiled code has no tensor-core instruction (sm_80 and newer), else 0; prints the
+    instruction mix. fp32 operands use tf32x3 (three TF32 MMAs), bf16/fp16 their native MMA: an FFMA-only kernel
+    would run at the FMA units' rate, ~15x below the tensor cores' on an H100/H200."""
+    if name not in TENSOR_CORE_KERNELS or arch < 80:
+        return 0
+    counts = _sass_counts(triton, kernel.asm["cubin"])
+    if counts is None:
+        print(f"     sm_{arch} {label:42s} tensor cores: unchecked (no cuobjdump beside Triton)")
+        return 0
+    ok = counts["HGMMA"] + counts["HMMA"] > 0
+    mix = " ".join(f"{k} {v}" for k, v in counts.items())
+    print(f"{'ok  ' if ok else 'NOTC'} sm_{arch} {label:42s} tensor cores: {mix}")
+    return 0 if ok else 1
 
 
 def main() -> None:

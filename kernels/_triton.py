@@ -193,9 +193,55 @@ def conv2d_output_size(size: Sequence[int], kernel_size, stride, padding, dilati
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:
-    """tl.dot input precision: exact fp32 products for fp32 inputs (TF32 would move norms by ~1e-3); the
-    default (native tensor-core products, exact for bf16/fp16) otherwise."""
-    return "ieee" if dtype == torch.float32 else None
+    """tl.dot input precision for operands of ``dtype``: "tf32x3" for fp32, the native tensor-core product otherwise.
+
+    bf16/fp16 operands: their products are exact in fp32 (8 x 8 or 11 x 11 significant bits fit in 24), so the
+    tensor cores lose nothing but the fp32 accumulation's rounding. fp32 operands: "tf32x3" (Triton's F32DotTC
+    pass, the 3xTF32 scheme of CUTLASS) splits each operand into a head x_hi = tf32(x) (rounded to nearest) and a
+    tail x - x_hi, which the TF32 MMA reads truncated to its 10-bit mantissa (x_lo), and forms
+    x_lo y_hi + x_hi y_lo + x_hi y_hi as three TF32 MMAs (each product exact in fp32). ``dot_error_bound`` derives
+    the error; per product it is below 5.01 * 2^-22 relative, against 2^-11 for plain "tf32". "ieee" would run on
+    the FMA units at a small fraction of the tensor-core rate.
+    """
+    return "tf32x3" if dtype == torch.float32 else None
+
+
+#: unit roundoff assumed for the fp32 accumulation: 2^-23, one ulp, twice round-to-nearest's 2^-24. NVIDIA tensor
+#: cores align a step's addends to the largest and truncate (Fasi, Higham, Mikaitis, Pranesh 2021, "Numerical
+#: behavior of NVIDIA tensor cores"), so an addition errs by up to one ulp of the larger operand, not half of one.
+#: This is a model of the hardware, to be checked on a GPU against float64 (bench/gpu_validate.sh), not a proof.
+U_ACC = 2.0**-23
+#: the TF32 unit roundoff (10 stored mantissa bits)
+U_TF32 = 2.0**-11
+
+
+def dot_error_bound(dtype: torch.dtype, n: int) -> float:
+    """epsilon(dtype, n) with |fl(x . y) - x . y| <= epsilon * (|x| . |y|) for a dot product of length n as ``mma``
+    forms it from operands of ``dtype`` (any summation order: tensor-core trees, the loop over steps, split-K).
+
+    Higham's bound for a sum of m terms in any order (Accuracy and Stability of Numerical Algorithms, 2nd ed.,
+    eq. 3.5 and Lemma 3.1), with gamma_m = m u / (1 - m u), u = U_ACC:
+      |fl(sum t_k) - sum t_k| <= gamma_m sum |t_k|.
+    - bf16/fp16: the n products are exact, so epsilon = gamma_n.
+    - fp32 by tf32x3: with u = U_TF32, x = x_hi + x_lo + e_x where |x - x_hi| <= u |x|, |x_lo| <= u |x| and
+      |e_x| <= 2 u^2 |x| (the tail's truncation to TF32 errs by less than one TF32 ulp of a number <= u |x|), and
+      |x_hi| <= (1 + u) |x|. The three products leave out
+          x y - (x_hi y_hi + x_hi y_lo + x_lo y_hi) = x_hi e_y + x_lo y_lo + x_lo e_y + e_x y,
+      at most u^2 (5 + 4 u) |x y|; the 3n computed terms sum to at most (1 + u)(1 + 3 u) |x| . |y| in magnitude
+      and are added with gamma_{3n}. So epsilon = u^2 (5 + 4 u) + (1 + u)(1 + 3 u) gamma_{3n}.
+    """
+    if dtype in (torch.bfloat16, torch.float16):
+        return _gamma(n)
+    if dtype == torch.float32:
+        u = U_TF32
+        return u * u * (5 + 4 * u) + (1 + u) * (1 + 3 * u) * _gamma(3 * n)
+    raise TypeError(f"dot_error_bound: no tensor-core path for {dtype}")
+
+
+def _gamma(m: int) -> float:
+    if m * U_ACC >= 1:
+        raise ValueError(f"dot_error_bound: {m} fp32 additions leave no error bound")
+    return m * U_ACC / (1 - m * U_ACC)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -11,7 +11,9 @@
     factor inside the kernel (no scaled copy of delta in memory). 2 B T p d FLOPs; reads B T (d + p) elements once
     per tile row/column. Grid (p-tiles x d-tiles, splits of the B*T rows): split-K when the output tiles alone
     cannot fill the GPU (a 16 x 27 first conv over 10^6 rows has one tile); fp32 partials summed by a second pass.
-    c_b delta[b, t] is rounded to the input dtype before the dot, as the torch book-keeping does.
+    c_b delta[b, t] is formed in fp32; for 16-bit inputs it enters the tensor cores as two 16-bit parts (head and
+    tail, 2^-18 relative for bf16) rather than rounded to one (2^-9), so a clipped contribution keeps its size to
+    within the accumulation error (``_scaled_mma``).
 (c) ``clip_reduce_bookkeeping_conv2d``: the same for a Conv2d (groups 1, zero padding), x (N, C, H, W), delta
     (N, p, Ho, Wo), N = B K with K = augmult views per example (rows i K .. i K + K - 1 are example i's):
     S = sum_n c_{n // K} delta_n^T U(x_n) -> (p, C, kh, kw), where U(x_n) (Ho Wo, C kh kw) are the input patches,
@@ -19,7 +21,7 @@
     A GEMM over the N Ho Wo rows: 2 N Ho Wo p C kh kw FLOPs (the ordinary conv weight gradient's); reads delta once
     per d-tile and the patches once per p-tile, N Ho Wo (p ceil(d / BLOCK_D) + d ceil(p / BLOCK_P)) elements for
     d = C kh kw (an x element is read by up to kh kw / (stride_h stride_w) patches, mostly from cache). Same grid,
-    split-K, second pass and rounding of c delta as (b).
+    split-K, second pass and split of c delta as (b).
 """
 
 from __future__ import annotations
@@ -86,6 +88,25 @@ def _clip_reduce_kernel(
 
 
 @triton.jit
+def _scaled_mma(d_t, c, a, acc, PRECISION: tl.constexpr, INTERP: tl.constexpr):
+    """acc + (d_t diag(c)) @ a: delta's columns (rows of the micro-batch) scaled by their clip factors.
+
+    c_b delta is formed in fp32. fp32 operands go to tf32x3 as they are. 16-bit operands: rounding c_b delta back to
+    bf16 would move each clipped contribution by up to 2^-9 relative, so it is split into a head and a tail in the
+    operands' dtype, hi = rn(c delta), lo = rn(c delta - hi), with hi + lo = c delta (1 + theta), |theta| <= 2^-18
+    (bf16; 2^-22 for fp16), and both halves go through the tensor cores: two exact-product MMAs instead of one.
+    """
+    d32 = d_t.to(tl.float32) * c[None, :]
+    if d_t.dtype == tl.float32:
+        return mma(d32, a, acc, PRECISION, INTERP)
+    else:
+        hi = cast(d32, d_t.dtype, INTERP)
+        lo = cast(d32 - hi.to(tl.float32), d_t.dtype, INTERP)
+        acc = mma(hi, a, acc, PRECISION, INTERP)
+        return mma(lo, a, acc, PRECISION, INTERP)
+
+
+@triton.jit
 def _clip_reduce_bookkeeping_kernel(
     A_ptr,
     D_ptr,
@@ -128,13 +149,12 @@ def _clip_reduce_bookkeeping_kernel(
             mask=ok[None, :] & (rp[:, None] < DP),
             other=0.0,
         )
-        d_t = cast(d_t.to(tl.float32) * c[None, :], D_ptr.dtype.element_ty, INTERP)
         a = tl.load(
             A_ptr + b[:, None] * stride_ab + t[:, None] * stride_at + rd[None, :] * stride_ad,
             mask=ok[:, None] & (rd[None, :] < DA),
             other=0.0,
         )
-        acc = mma(d_t, a, acc, PRECISION, INTERP)
+        acc = _scaled_mma(d_t, c, a, acc, PRECISION, INTERP)
     out = OUT_ptr + split.to(tl.int64) * DP * DA + rp[:, None] * DA + rd[None, :]
     tl.store(out, cast(acc, OUT_ptr.dtype.element_ty, INTERP), mask=(rp[:, None] < DP) & (rd[None, :] < DA))
 
@@ -208,7 +228,6 @@ def _clip_reduce_bookkeeping_conv2d_kernel(
         d_t = tl.load(
             D_ptr + d_row[None, :] + rp[:, None] * stride_dc, mask=ok[None, :] & (rp[:, None] < DP), other=0.0
         )
-        d_t = cast(d_t.to(tl.float32) * c[None, :], D_ptr.dtype.element_ty, INTERP)
         h0 = oh * conv_sh - pad_h
         w0 = ow * conv_sw - pad_w
         # zero padding is the mask: a tap reads x only where 0 <= h0 + tap_h < H and 0 <= w0 + tap_w < W. Rows past
@@ -219,7 +238,7 @@ def _clip_reduce_bookkeeping_conv2d_kernel(
         x_row = X_ptr + n * stride_xn
         x_off = (h0 * stride_xh + w0 * stride_xw)[:, None] + col_off[None, :]
         a = tl.load(x_row[:, None] + x_off, mask=inside, other=0.0)
-        acc = mma(d_t, a, acc, PRECISION, INTERP)
+        acc = _scaled_mma(d_t, c, a, acc, PRECISION, INTERP)
     out = OUT_ptr + split.to(tl.int64) * DP * DA + rp[:, None] * DA + rd[None, :]
     tl.store(out, cast(acc, OUT_ptr.dtype.element_ty, INTERP), mask=(rp[:, None] < DP) & col_ok[None, :])
 

@@ -19,10 +19,13 @@ recent GPU, so the step costs about one pass over the optimizer state.
 
 The multi-tensor launch. A parameter list is many tensors of any sizes; one program per BLOCK elements of one
 tensor, all tensors in one grid:
-- a pointer table, int64 (n_tensors, 8): addresses of p, S and the one or two state buffers, numel, the noise
-  offset, flags (bit 0: S given, else S = 0; bit 1: the state exists, else it starts as torch starts it). It is
-  rebuilt from the tensors' addresses on every call (a host list of 8 n ints and one small copy; cached while the
-  addresses do not change) because the clipped sums are fresh tensors each step.
+- a pointer table, int64 (n_tensors, 8), of what persists across steps: addresses of p and the one or two state
+  buffers, numel, the noise offset, flags (bit 1: the state exists, else it starts as torch starts it). Built once
+  per set of tensors and cached on the device (keyed by the addresses, so a replaced parameter or a newly created
+  state rebuilds it); in steady state no step builds or copies it.
+- a sums vector, int64 (n_tensors,): this step's clipped-sum addresses (0: no sum, S = 0). The sums are fresh
+  tensors each step; the vector is cached by value (the caching allocator tends to return the same blocks, so it
+  hits too) and otherwise copied from pinned memory without a host sync.
 - a block map, (n_blocks,) tensor index and (n_blocks,) start element, built once per (sizes, offsets, BLOCK)
   and cached on the device. Program q reads its row of the table and handles elements start .. start + BLOCK - 1.
 Block starts are aligned to the noise stream's groups of 4 (a tensor whose offset is not a multiple of 4 starts
@@ -56,7 +59,7 @@ from fastdp.philox import philox_normal as _philox_normal_torch
 _MASK = 0xFFFFFFFF
 _SGD, _ADAM, _ADAMW = 0, 1, 2
 _OPTIMIZERS = {"sgd": _SGD, "adam": _ADAM, "adamw": _ADAMW}
-_FLAG_HAS_SUM, _FLAG_HAS_STATE = 1, 2
+_FLAG_HAS_STATE = 2
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -217,6 +220,7 @@ def _update_block(
 @triton.jit(do_not_specialize=_NOISE_KEY)
 def _noisy_step_kernel(
     TABLE_ptr,
+    SUMS_ptr,
     BLOCK_TENSOR_ptr,
     BLOCK_START_ptr,
     std,
@@ -245,10 +249,12 @@ def _noisy_step_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = TABLE_ptr + tl.load(BLOCK_TENSOR_ptr + pid).to(tl.int64) * 8
+    tensor = tl.load(BLOCK_TENSOR_ptr + pid).to(tl.int64)
+    row = TABLE_ptr + tensor * 8
     start = tl.load(BLOCK_START_ptr + pid)  # int64, < 0 for a first block aligned to the noise groups
     p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    s_ptr = tl.load(row + 1).to(tl.pointer_type(S_DTYPE))
+    s_addr = tl.load(SUMS_ptr + tensor)  # 0: no clipped sum (noise only)
+    s_ptr = s_addr.to(tl.pointer_type(S_DTYPE))
     st1_ptr = tl.load(row + 2).to(tl.pointer_type(P_DTYPE))
     st2_ptr = tl.load(row + 3).to(tl.pointer_type(P_DTYPE))
     numel = tl.load(row + 4)
@@ -264,7 +270,7 @@ def _noisy_step_kernel(
     # per-tensor flags as blocks that are constant by construction (a scalar-by-block mask also trips the
     # interpreter)
     flags_b = tl.zeros([BLOCK], dtype=tl.int64) + flags
-    has_sum = (flags_b & 1) != 0
+    has_sum = (tl.zeros([BLOCK], dtype=tl.int64) + s_addr) != 0
     has_state = (flags_b & 2) != 0
     if HAS_NOISE:
         z = _philox_normal_block(noise_offset + start, seed_lo, seed_hi, step_lo, step_hi, INTERP, BLOCK)
@@ -310,6 +316,7 @@ def _key_words(seed: int, step: int) -> tuple[int, int, int, int]:
 
 _LAYOUT_CACHE: dict = {}
 _TABLE_CACHE: dict = {}
+_SUMS_CACHE: dict = {}
 _CACHE_SIZE = 16
 
 
@@ -341,7 +348,25 @@ def _block_map(numels: tuple[int, ...], offsets: tuple[int, ...], block: int, de
 
 
 def _pointer_table(rows: tuple[tuple[int, ...], ...], device: torch.device) -> torch.Tensor:
-    return _cached(_TABLE_CACHE, (rows, str(device)), lambda: torch.tensor(rows, dtype=torch.int64).to(device))
+    """The static part of the table, (n, 8) int64 on the device: what persists across steps (parameters, optimizer
+    state, sizes, offsets, flags). Built once per set of tensors; in steady state every step hits the cache."""
+    return _cached(_TABLE_CACHE, (rows, str(device)), lambda: _to_device(rows, device))
+
+
+def _sum_pointers(addresses: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(n,) int64 addresses of this step's clipped sums (0: none). The sums are fresh tensors each step, so this is
+    the part that may change; cached by value (the caching allocator tends to hand out the same blocks), and on a
+    miss copied without a host sync."""
+    return _cached(_SUMS_CACHE, (addresses, str(device)), lambda: _to_device(addresses, device))
+
+
+def _to_device(values: tuple, device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return t.to(device)
+    # pinned staging + non_blocking: the copy is queued on the stream, the host does not wait (a pageable copy would
+    # drain the queue); torch's caching host allocator keeps the pinned block until the copy has run
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @on_tensor_device
@@ -467,7 +492,7 @@ def noisy_step(
     for (p_dtype, s_dtype), idx in groups.items():
         total = sum(params[j].numel() for j in idx)
         block, num_warps = _settings(total, device)
-        rows, aligned = [], True
+        rows, sum_ptrs, aligned = [], [], True
         for j in idx:
             p, s = params[j], sums[j]
             st1 = states[0][j] if states else None
@@ -475,14 +500,16 @@ def noisy_step(
             ptrs = [p.data_ptr(), 0 if s is None else s.data_ptr()]
             ptrs += [0 if st is None else st.data_ptr() for st in (st1, st2)]
             aligned &= all(a % 16 == 0 for a in ptrs) and offsets[j] % 4 == 0
-            flags = (_FLAG_HAS_SUM if s is not None else 0) | (_FLAG_HAS_STATE if has_state[j] else 0)
-            rows.append((*ptrs, p.numel(), offsets[j], flags, 0))
+            rows.append((ptrs[0], 0, ptrs[2], ptrs[3], p.numel(), offsets[j], _FLAG_HAS_STATE * has_state[j], 0))
+            sum_ptrs.append(ptrs[1])
         table = _pointer_table(tuple(rows), device)
+        sums_table = _sum_pointers(tuple(sum_ptrs), device)
         blk_tensor, blk_start = _block_map(
             tuple(params[j].numel() for j in idx), tuple(offsets[j] for j in idx), block, device
         )
         _noisy_step_kernel[(blk_tensor.numel(),)](
             table,
+            sums_table,
             blk_tensor,
             blk_start,
             float(std),

@@ -6,16 +6,36 @@ geometry inside the kernel (implicit GEMM: j = (c, ki, kj) in the weight's (C, k
 delta_i is (p, Ho, Wo); with augmentation multiplicity K, example i's K views (rows i*K .. i*K + K - 1) are K*Ho*Wo
 positions of one example, so G_i is the sum of the views' gradients.
 
-Grid (B, p-tiles x d-tiles): program (i, tile) accumulates one (BLOCK_P, BLOCK_D) tile of G_i in fp32 registers
-with tl.dot over T in BLOCK_T steps, then squares and sums it. The per-tile partial sums go to a (B, n_tiles)
-fp32 buffer that a second pass (torch .sum(1)) reduces: deterministic, no atomics and no zero-initialised output,
-at n_tiles * 4 bytes per example (a few hundred bytes). Optionally the tile is also stored to ``out`` (B, p, d):
-the per-example gradients of the instantiate+keep plan, at no extra FLOPs.
+One flat grid of B * n_tiles programs, example-major: program (i, tile) accumulates one (BLOCK_P, BLOCK_D) tile of
+G_i in fp32 registers with tl.dot over T in BLOCK_T steps, then squares and sums it. The per-tile partial sums go to
+a (B, n_tiles) fp32 buffer that a second pass (torch .sum(1)) reduces: deterministic, no atomics and no
+zero-initialised output, at n_tiles * 4 bytes per example (a few hundred bytes). Optionally the tile is also stored
+to ``out`` (B, p, d): the per-example gradients of the instantiate+keep plan, at no extra FLOPs.
 
-Cost per example: 2 T p d FLOPs (the ordinary weight gradient's), reading a_i once per p-tile and delta_i once
-per d-tile: T (d ceil(p / BLOCK_P) + p ceil(d / BLOCK_D)) elements, and writing p d elements only with ``out``.
-fp32 inputs use exact fp32 products (input_precision "ieee", not TF32); bf16/fp16 inputs use the tensor cores
-with fp32 accumulation.
+Memory traffic. Each program reads its p-rows of delta_i and its d-columns of a_i over all T: delta_i is read once
+per d-tile and a_i once per p-tile, T (p ceil(d / BLOCK_D) + d ceil(p / BLOCK_P)) elements per example. Because
+an example's tiles are consecutive programs (tile = p-tile-major, d-tile-minor), they are resident together (an
+H100/H200 runs 132 SMs x 1-2 such programs; a layer has ~4-150 tiles per example) and all but the first read of
+each row come from L2: the DRAM traffic is T (p + d) elements per example, the size of the inputs, as for the
+ordinary weight gradient. (With the example on the slow grid axis, as before, tile 0 of every example ran first and
+the inputs passed through L2 once per tile.) This is by design and by the launch order; L2 hit rates wait for a GPU.
+
+Cost per example: 2 T p d FLOPs (the ordinary weight gradient's) on the tensor cores, writing p d elements only
+with ``out``. bf16/fp16 inputs: exact products, fp32 accumulation. fp32 inputs: tf32x3, three TF32 MMAs on split
+operands (3x the bf16 MMA count at half its rate; ``fastdp.kernels._triton.dot_precision``).
+
+Precision (the clip bound's tolerance; README "Precision of the per-example norms"). With M_i = |delta_i|^T |a_i|
+(entrywise absolute values) and epsilon = ``dot_error_bound(dtype, T)``, every entry of the computed tile obeys
+|G^_rj - G_rj| <= epsilon M_rj, so ||G^_i - G_i||_F <= epsilon ||M_i||_F <= epsilon ||delta_i||_F ||a_i||_F
+(Cauchy-Schwarz per entry). The squares are summed by fp32 reductions of depth at most BLOCK_P + BLOCK_D + n_tiles
+(the tile's sums along each axis, then the partials), so the returned s_i = ||G^_i||^2 (1 + theta),
+|theta| <= gamma_h with u = 2^-24. ``norm_error_bound`` returns (epsilon, gamma_h); the tests check
+|sqrt(s_i) - ||G_i||| <= epsilon ||M_i||_F + gamma_h (||G_i|| + epsilon ||M_i||_F) against float64. So the norm's
+relative error is e_i <= epsilon kappa_i + gamma_h, kappa_i = ||M_i||_F / ||G_i||_F, and an example clipped by it
+contributes at most C (1 + e) / (1 - e) when its summed gradient carries a relative error e too (book-keeping), at
+most C (1 + gamma_h) when the summed gradient is the G^_i written here (``out``, instantiate+keep). epsilon is
+gamma_T (u = 2^-23) for bf16/fp16, 2^-22 (5 + 2^-9) + (1 + 2^-11)(1 + 3 2^-11) gamma_3T for fp32: 1.2e-4 and
+3.7e-4 at T = 1024, worst case.
 """
 
 from __future__ import annotations
@@ -27,13 +47,13 @@ import torch
 import torch.nn.functional as F
 
 from fastdp.kernels._triton import (
-    MAX_GRID_YZ,
     cast,
     cdiv,
     check_conv2d,
     check_float,
     check_launchable,
     check_layer_pair,
+    dot_error_bound,
     dot_flags,
     mma,
     on_tensor_device,
@@ -72,8 +92,11 @@ def _per_sample_norm_linear_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    # one flat grid, example-major: the n_tiles programs of example b are consecutive, so they run side by side and
+    # a_b and delta_b come from DRAM once, the re-reads of other tiles hitting L2 (see the module docstring)
+    pid = tl.program_id(0)
+    b = (pid // n_tiles).to(tl.int64)
+    tile = pid % n_tiles
     rp = (tile // n_tiles_d) * BLOCK_P + tl.arange(0, BLOCK_P)
     rd = (tile % n_tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D)
     rt = tl.arange(0, BLOCK_T)
@@ -144,8 +167,11 @@ def _per_sample_norm_conv2d_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    # one flat grid, example-major: the n_tiles programs of example b are consecutive, so they run side by side and
+    # a_b and delta_b come from DRAM once, the re-reads of other tiles hitting L2 (see the module docstring)
+    pid = tl.program_id(0)
+    b = (pid // n_tiles).to(tl.int64)
+    tile = pid % n_tiles
     rp = (tile // n_tiles_d) * BLOCK_P + tl.arange(0, BLOCK_P)
     rd = (tile % n_tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D)
     rt = tl.arange(0, BLOCK_T)
@@ -197,23 +223,25 @@ def _per_sample_norm_conv2d_kernel(
 
 
 def _settings(t: int, p: int, d: int, dtype: torch.dtype, device: torch.device, conv: bool = False) -> dict:
-    """Tile sizes: the G tile (BLOCK_P x BLOCK_D) lives in registers across the T loop.
+    """Tile sizes: the G tile (BLOCK_P x BLOCK_D) lives in fp32 registers across the T loop.
 
-    On the GPU 64 x 64 fp32 accumulators at 4 warps (32 registers a thread); bf16/fp16 linear layers take 64 x 128
-    with a T step of 32 for the tensor cores. fp32 "ieee" dots run on the FMA units, where a T step of 16 keeps
-    the operand tiles small. The conv kernel's gathered operand tile needs its own index arithmetic per element,
-    so its d tile stays at 64 (sm_90: ~170-250 registers, no spills at 64 x 64). Small p or d shrink their tile to
-    the next power of two (>= 16, tl.dot's minimum). The interpreter uses the minimum tiles, so small test shapes
-    cross tile boundaries in every dimension.
+    bf16/fp16: up to 128 x 128 (linear) or 128 x 64 (conv, whose gathered patch tile needs index arithmetic per
+    element) with a T step of 32; a 128 x 128 tile takes 8 warps (64 accumulators a thread). A p of 128 or less is
+    then one p-tile, so delta_i is read once per d-tile, from L2 after the first. fp32 (tf32x3: three TF32 MMAs on
+    split operands, twice the operand registers): 64 x 64 at 4 warps with a T step of 16. Small p or d shrink
+    their tile to the next power of two (>= 16, tl.dot's minimum). The interpreter uses the minimum tiles, so small
+    test shapes cross tile boundaries in every dimension.
     """
     if device.type != "cuda":
         return {"BLOCK_T": 16, "BLOCK_P": 16, "BLOCK_D": 16, "num_warps": 1}
     half = dtype != torch.float32
+    block_p = pow2_at_least(p, 16, 128 if half else 64)
+    block_d = pow2_at_least(d, 16, 128 if half and not conv else 64)
     return {
         "BLOCK_T": 32 if half else 16,
-        "BLOCK_P": pow2_at_least(p, 16, 64),
-        "BLOCK_D": pow2_at_least(d, 16, 128 if half and not conv else 64),
-        "num_warps": 4,
+        "BLOCK_P": block_p,
+        "BLOCK_D": block_d,
+        "num_warps": 8 if block_p * block_d >= 128 * 128 else 4,
         "num_stages": 3 if half else 2,
     }
 
@@ -238,6 +266,24 @@ def _check_out(op: str, out: torch.Tensor | None, shape: tuple[int, int, int], d
 
 def _finish(partials: torch.Tensor, B: int) -> torch.Tensor:
     return partials.sum(1) if partials.numel() else partials.new_zeros(B)
+
+
+def norm_error_bound(
+    dtype: torch.dtype, t: int, p: int, d: int, device: torch.device, conv: bool = False
+) -> tuple[float, float]:
+    """(epsilon, eta) of the module docstring's bound for one layer's shapes as the host wrappers tile them: the
+    returned squared norm s_i obeys |sqrt(s_i) - ||G_i||_F| <= epsilon K_i + eta (||G_i||_F + epsilon K_i), with
+    K_i = || |delta_i|^T |a_i| ||_F <= ||delta_i||_F ||a_i||_F and t the positions per example (K Ho Wo for a conv).
+
+    epsilon = dot_error_bound(dtype, t) (the tile's dot products); eta = gamma_h, u = 2^-24, for the fp32 sum of
+    squares of depth h = BLOCK_P + BLOCK_D + n_tiles (each reduction axis of the tile in any order, then the tiles'
+    partials), which bounds sqrt(1 + theta) - 1 as well.
+    """
+    cfg = _settings(t, p, d, dtype, device, conv)
+    n_tiles = cdiv(p, cfg["BLOCK_P"]) * cdiv(d, cfg["BLOCK_D"])
+    h = cfg["BLOCK_P"] + cfg["BLOCK_D"] + n_tiles
+    u = 2.0**-24
+    return dot_error_bound(dtype, t), h * u / (1 - h * u)
 
 
 @on_tensor_device
@@ -265,11 +311,9 @@ def per_sample_norm(a: torch.Tensor, delta: torch.Tensor, *, out: torch.Tensor |
     cfg = _settings(T, p, d, a.dtype, device)
     n_d = cdiv(d, cfg["BLOCK_D"])
     n_tiles = cdiv(p, cfg["BLOCK_P"]) * n_d
-    if n_tiles > MAX_GRID_YZ:
-        raise ValueError(f"{op}: p={p}, d={d} needs {n_tiles} tiles per example, more than the grid allows")
     partials = torch.empty(B, n_tiles, dtype=torch.float32, device=device)
     gs = g.stride() if g is not None else (0, 0, 0)
-    _per_sample_norm_linear_kernel[(B, n_tiles)](
+    _per_sample_norm_linear_kernel[(B * n_tiles,)](
         a, delta, partials, g if g is not None else partials,
         T, d, p,
         *a.stride(), *delta.stride(), *gs,
@@ -318,11 +362,9 @@ def per_sample_norm_conv2d(
     cfg = _settings(K * ho * wo, p, d, x.dtype, device, conv=True)
     n_d = cdiv(d, cfg["BLOCK_D"])
     n_tiles = cdiv(p, cfg["BLOCK_P"]) * n_d
-    if n_tiles > MAX_GRID_YZ:
-        raise ValueError(f"{op}: p={p}, d={d} needs {n_tiles} tiles per example, more than the grid allows")
     partials = torch.empty(B, n_tiles, dtype=torch.float32, device=device)
     gs = g.stride() if g is not None else (0, 0, 0)
-    _per_sample_norm_conv2d_kernel[(B, n_tiles)](
+    _per_sample_norm_conv2d_kernel[(B * n_tiles,)](
         x, delta, partials, g if g is not None else partials,
         C, H, W, ho, wo, kh, kw, K, p,
         geo.sh, geo.sw, geo.ph, geo.pw, geo.dh, geo.dw,

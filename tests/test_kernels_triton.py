@@ -155,6 +155,86 @@ def test_per_sample_norm_conv2d_bf16():
     assert_low_precision(n, ref, psn.per_sample_norm_conv2d_ref(x, delta, 3, 1, 1))
 
 
+def _within_stated_bound(s, g64, m64, bound):
+    """|sqrt(s_i) - ||G_i||| <= epsilon K_i + eta (||G_i|| + epsilon K_i) per example, the bound of
+    per_sample_norm's docstring, with G_i and M_i = |delta_i|^T |a_i| in float64."""
+    eps, eta = bound
+    norm = torch.linalg.vector_norm(g64.flatten(1), dim=1)
+    K = torch.linalg.vector_norm(m64.flatten(1), dim=1)
+    err = (s.double().cpu().sqrt() - norm.cpu()).abs()
+    allowed = eps * K.cpu() + eta * (norm.cpu() + eps * K.cpu())
+    assert (err <= allowed).all(), (err, allowed)
+    return err / norm.cpu()
+
+
+PRECISIONS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS, ids=["fp32-tf32x3", "bf16", "fp16"])
+def test_per_sample_norm_error_within_stated_bound(dtype):
+    """The privacy contract of each precision (README, Precision of the per-example norms): the computed norm is
+    within the bound of norm_error_bound against float64 on the operands as given, linear and conv; and the norm
+    is that of the G_i the kernel writes (fused_keep clips what it keeps)."""
+    gen = torch.Generator().manual_seed(12)
+    B, T, d, p = 3, 45, 20, 33
+    # rows of very different scales: |delta|^T |a| is far above |G| for some entries, the bound is not trivial
+    scale = torch.logspace(-3, 3, T, dtype=torch.float32).view(1, T, 1).to(DEVICE)
+    a = (randn(B, T, d, gen=gen) * scale).to(dtype)
+    delta = (randn(B, T, p, gen=gen) / scale).to(dtype)
+    out = nan_like((B, p, d))
+    s = psn.per_sample_norm(a, delta, out=out)
+    a64, d64 = a.double(), delta.double()
+    g64 = psn.per_sample_grad_ref(a64, d64)
+    m64 = psn.per_sample_grad_ref(a64.abs(), d64.abs())
+    rel = _within_stated_bound(s, g64, m64, psn.norm_error_bound(dtype, T, p, d, torch.device(DEVICE)))
+    assert rel.max() < 1e-3
+    # the kept gradients' own norm: only the sum of squares' rounding separates the two
+    _, eta = psn.norm_error_bound(dtype, T, p, d, torch.device(DEVICE))
+    kept = torch.linalg.vector_norm(out.double().flatten(1), dim=1).square()
+    assert ((s.double() - kept).abs() <= 2 * eta * kept).all()
+
+    x = randn(2, 3, 6, 5, gen=gen).to(dtype)
+    dc = randn(2, 18, 6, 5, gen=gen).to(dtype)
+    s = psn.per_sample_norm_conv2d(x, dc, 3, padding=1)
+    args = (3, 1, 1)
+    g64 = psn.per_sample_grad_conv2d_ref(x.double(), dc.double(), *args)
+    m64 = psn.per_sample_grad_conv2d_ref(x.double().abs(), dc.double().abs(), *args)
+    _within_stated_bound(s, g64, m64, psn.norm_error_bound(dtype, 30, 18, 27, torch.device(DEVICE), conv=True))
+
+
+def _tf32(x: torch.Tensor, rounding: bool) -> torch.Tensor:
+    """fp32 -> TF32 (10 mantissa bits) as the GPU does: cvt.rna (to nearest, ties away) or the MMA's truncation."""
+    bits = x.view(torch.int32)
+    if rounding:
+        bits = bits + 0x1000
+    return (bits & ~0x1FFF).view(torch.float32)
+
+
+def test_tf32x3_product_error_bound():
+    """The derivation behind dot_error_bound for fp32, checked on the arithmetic it models (the interpreter computes
+    tf32x3 dots in plain fp32, so the kernels cannot show it on a CPU): Triton's F32DotTC splits x into
+    x_hi = rna(x) and x - x_hi, which the TF32 MMA truncates; three exact products leave out at most
+    u^2 (5 + 4 u) |x y| (u = 2^-11), and plain TF32 would not meet that bound."""
+    from fastdp.kernels._triton import U_TF32
+
+    gen = torch.Generator().manual_seed(5)
+    # random significands over many binades, and the worst cases of the split: tails near half a TF32 ulp
+    x = torch.randn(200_000, generator=gen) * torch.exp2(torch.randint(-30, 30, (200_000,), generator=gen).float())
+    y = torch.randn(200_000, generator=gen) * torch.exp2(torch.randint(-30, 30, (200_000,), generator=gen).float())
+    x[:1000] = (1 + (torch.arange(1000) % 7 + 0.5) * 2.0**-11 + 2.0**-20).float()
+    y[:1000] = (1 - (torch.arange(1000) % 5 + 0.5) * 2.0**-11 - 2.0**-21).float()
+    xh, yh = _tf32(x, True), _tf32(y, True)
+    xl, yl = _tf32(x - xh, False), _tf32(y - yh, False)
+    three = xh.double() * yh.double() + xh.double() * yl.double() + xl.double() * yh.double()
+    exact = x.double() * y.double()
+    u = U_TF32
+    rel = ((three - exact).abs() / exact.abs()).max().item()
+    assert rel <= u * u * (5 + 4 * u), rel
+    assert rel > 0.1 * u * u  # the bound is approached, not vacuous
+    plain = ((xh.double() * yh.double() - exact).abs() / exact.abs()).max().item()
+    assert plain > 100 * u * u * (5 + 4 * u)
+
+
 def test_per_sample_norm_empty():
     assert psn.per_sample_norm(randn(0, 4, 3), randn(0, 4, 2)).shape == (0,)
     out = nan_like((2, 2, 3))
@@ -199,6 +279,47 @@ def test_ghost_norm_bf16_and_empty():
     )
     assert gn.ghost_norm(randn(0, 3, 2), randn(0, 3, 4)).shape == (0,)
     assert torch.equal(gn.ghost_norm(randn(2, 0, 2), randn(2, 0, 4)).cpu(), torch.zeros(2))
+
+
+GHOST_CONV_CASES = [
+    # N, C, H, W, p, kernel, stride, padding, dilation, augmult, channels_last: an 8x8 layer (T = 64 > BLOCK_T), a
+    # strided one with two views per example and an asymmetric geometry
+    (3, 3, 8, 8, 5, 3, 1, 1, 1, 1, False),
+    (4, 2, 7, 9, 6, (2, 3), (2, 1), (0, 2), (2, 1), 2, True),
+]
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS, ids=["fp32-tf32x3", "bf16", "fp16"])
+@pytest.mark.parametrize("N, C, H, W, p, k, s, pad, dil, K, cl", GHOST_CONV_CASES)
+def test_ghost_norm_conv2d(N, C, H, W, p, k, s, pad, dil, K, cl, dtype):
+    """The implicit-GEMM ghost norm of a conv against float64 unfold + bmm on the same operands, within the stated
+    bound (2 epsilon + epsilon^2 + eta (1 + epsilon)^2) ||M_i||_F^2 of ghost_norm's docstring."""
+    gen = torch.Generator().manual_seed(N * 10 + C)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = randn(N, C, H, W, gen=gen).to(dtype)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.zeros(p, C, kh, kw, device=DEVICE)
+    ho, wo = torch.nn.functional.conv2d(x.float(), w, stride=s, padding=pad, dilation=dil).shape[2:]
+    delta = randn(N, p, ho, wo, gen=gen).to(dtype)
+    sq = gn.ghost_norm_conv2d(x, delta, (kh, kw), stride=s, padding=pad, dilation=dil, augmult=K)
+    assert sq.dtype == torch.float32 and sq.shape == (N // K,)
+    args = ((kh, kw), s, pad, dil, K)
+    g64 = psn.per_sample_grad_conv2d_ref(x.double(), delta.double(), *args)
+    m64 = psn.per_sample_grad_conv2d_ref(x.double().abs(), delta.double().abs(), *args)
+    eps, eta = gn.ghost_error_bound(dtype, K * ho * wo, C * kh * kw, p, torch.device(DEVICE))
+    ref = torch.linalg.vector_norm(g64.flatten(1), dim=1).square().cpu()
+    allowed = (2 * eps + eps * eps + eta * (1 + eps) ** 2) * torch.linalg.vector_norm(m64.flatten(1), dim=1).square()
+    err = (sq.double().cpu() - ref).abs()
+    assert (err <= allowed.cpu()).all(), (err, allowed)
+    assert (err <= 1e-4 * ref).all()  # well-conditioned random data: far inside the worst case
+
+
+def test_ghost_norm_conv2d_empty_and_errors():
+    x, d = randn(0, 2, 5, 5), randn(0, 3, 3, 3)
+    assert gn.ghost_norm_conv2d(x, d, 3).shape == (0,)
+    with pytest.raises(ValueError, match="delta must be"):
+        gn.ghost_norm_conv2d(randn(2, 2, 5, 5), randn(2, 3, 4, 4), 3)
 
 
 # ------------------------------------------------------------------------------------------------ clip-reduce
@@ -315,6 +436,33 @@ def test_clip_reduce_bookkeeping_conv2d(N, C, H, W, p, k, s, pad, dil, K, cl, dt
         assert_low_precision(s_default, ref, cr.clip_reduce_bookkeeping_conv2d_ref(x, delta, c, *args))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_clip_reduce_bookkeeping_16bit_keeps_the_clipped_contributions(dtype):
+    """16-bit operands: the book-keeping sum is within (2^-17 + epsilon_2n) sum_i |c_i| |delta_i|^T |a_i| of
+    float64 on the same operands, linear and conv: c_i delta_i enters the tensor cores as a 16-bit head and tail
+    (2^-18 relative for bf16). Rounding it to one 16-bit number instead errs by up to 2^-9 and fails this bound."""
+    from fastdp.kernels._triton import dot_error_bound
+
+    gen = torch.Generator().manual_seed(21)
+    B, T, d, p = 3, 20, 18, 20
+    a, delta = randn(B, T, d, gen=gen).to(dtype), randn(B, T, p, gen=gen).to(dtype)
+    c = (torch.rand(B, generator=gen) * 0.9 + 0.05).to(DEVICE)
+    s = cr.clip_reduce_bookkeeping(a, delta, c, out_dtype=torch.float32)
+    ref = cr.clip_reduce_bookkeeping_ref(a.double(), delta.double(), c.double())
+    mag = cr.clip_reduce_bookkeeping_ref(a.double().abs(), delta.double().abs(), c.double())
+    bound = (2.0**-17 + dot_error_bound(dtype, 2 * B * T + 2)) * mag
+    assert ((s.double() - ref).abs() <= bound).all()
+
+    x, dx = randn(4, 3, 7, 6, gen=gen).to(dtype), randn(4, 17, 7, 6, gen=gen).to(dtype)
+    c = (torch.rand(2, generator=gen) * 0.9 + 0.05).to(DEVICE)
+    s = cr.clip_reduce_bookkeeping_conv2d(x, dx, c, 3, padding=1, augmult=2, out_dtype=torch.float32)
+    args = (3, 1, 1, 1, 2)
+    ref = cr.clip_reduce_bookkeeping_conv2d_ref(x.double(), dx.double(), c.double(), *args)
+    mag = cr.clip_reduce_bookkeeping_conv2d_ref(x.double().abs(), dx.double().abs(), c.double(), *args)
+    bound = (2.0**-17 + dot_error_bound(dtype, 2 * 4 * 42 + 2)) * mag
+    assert ((s.double() - ref).abs() <= bound).all()
+
+
 def test_clip_reduce_bookkeeping_conv2d_empty():
     zero = torch.zeros(0, device=DEVICE)
     empty = cr.clip_reduce_bookkeeping_conv2d(randn(0, 3, 5, 5), randn(0, 4, 3, 3), zero, 3)
@@ -420,6 +568,35 @@ def test_noisy_step_mixed_dtypes_and_offsets():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_noisy_step_pointer_table_built_once(monkeypatch):
+    """The static pointer table (parameters, state, sizes, offsets) is built once per set of tensors: fresh clipped
+    sums each step, as the engine makes them, only change the sums vector. Built twice here: before and after the
+    first step creates the momentum buffers."""
+    static_builds = []
+    real = ns._to_device
+
+    def counting(values, device):
+        if values and isinstance(values[0], tuple):
+            static_builds.append(values)
+        return real(values, device)
+
+    monkeypatch.setattr(ns, "_to_device", counting)
+    monkeypatch.setattr(ns, "_TABLE_CACHE", {})
+    monkeypatch.setattr(ns, "_SUMS_CACHE", {})
+    gen = torch.Generator().manual_seed(3)
+    params, bufs = [randn(37, gen=gen), randn(5, 3, gen=gen)], [None, None]
+    ref_p = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.SGD(ref_p, lr=0.1, momentum=0.9)
+    for step in range(4):
+        sums = [randn(37, gen=gen), None if step == 2 else randn(5, 3, gen=gen)]
+        ns.noisy_step(params, sums, std=0.5, expected_batch_size=4, seed=1, step=step, lr=0.1, momentum=0.9,
+                      momentum_buffers=bufs)  # fmt: skip
+        ns.noisy_step_ref(opt, sums, std=0.5, expected_batch_size=4, seed=1, step=step)
+    assert len(static_builds) == 2
+    for p, q in zip(params, ref_p, strict=True):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_noisy_step_edge_cases():
     p = randn(5)
     before = p.clone()
@@ -472,6 +649,9 @@ def test_kernels_compile_for_sm90():
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("ok   sm_90") >= 20, r.stdout
+    # the matmul kernels (7 signatures x fp32/bf16/fp16) were checked for tensor-core instructions in their SASS
+    if "tensor cores: unchecked" not in r.stdout:
+        assert r.stdout.count("tensor cores: HGMMA") >= 21, r.stdout
 
 
 # ------------------------------------------------------------------------------------------------------- GPU
@@ -479,11 +659,16 @@ def test_kernels_compile_for_sm90():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-tf32x3", "bf16"])
 def test_gpu_norms_and_reductions_realistic_shapes(dtype):
     gen = torch.Generator().manual_seed(9)
     a, delta = randn(8, 300, 257, dtype=dtype, gen=gen), randn(8, 300, 130, dtype=dtype, gen=gen)
     ref = psn.per_sample_norm_ref(a.double(), delta.double())
+    # the stated bound of each precision, on the GPU's tensor cores (tf32x3 for fp32)
+    g64 = psn.per_sample_grad_ref(a.double(), delta.double())
+    m64 = psn.per_sample_grad_ref(a.double().abs(), delta.double().abs())
+    bound = psn.norm_error_bound(dtype, 300, 130, 257, a.device)
+    _within_stated_bound(psn.per_sample_norm(a, delta), g64, m64, bound)
     check = assert_fp32 if dtype == torch.float32 else None
     for n, lp in (
         (psn.per_sample_norm(a, delta), psn.per_sample_norm_ref(a, delta)),

@@ -38,7 +38,11 @@ class CompiledBackend(Backend):
             return None
 
         def linear_norm(a, d, out=None):
-            # the CUDA kernel reads dense rows; the rules' a and delta are views of contiguous activations already
+            # the CUDA kernel reads dense rows; the rules' a and delta are views of contiguous activations already.
+            # It writes G_i in the operands' dtype: fp32 G_i (kept under autocast) needs fp32 operands, so that the
+            # norm is the one of what is kept
+            if out is not None and out.dtype != a.dtype:
+                a, d = a.to(out.dtype), d.to(out.dtype)
             return torch.ops.fastdp.linear_sq_norms(a.contiguous(), d.contiguous(), out)
 
         return LayerKernels(device_type="cuda", dtypes=_NORM_DTYPES, linear_norm=linear_norm)

@@ -63,6 +63,10 @@ class TritonBackend(Backend):
         )  # fmt: skip
 
 
+def _accum(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 @cache
 def _layer_kernels(device_type: str) -> LayerKernels:
     from fastdp.kernels import clip_reduce as cr
@@ -75,18 +79,28 @@ def _layer_kernels(device_type: str) -> LayerKernels:
             augmult=augmult, out=out,
         )  # fmt: skip
 
+    # the clipped sums leave the kernels in fp32 (or wider) also for 16-bit operands, as the torch strategies' do
     def conv2d_bookkeeping(x, delta, w, geom, augmult):
         return cr.clip_reduce_bookkeeping_conv2d(
             x, delta, w, geom.kernel, stride=geom.stride, padding=geom.padding, dilation=geom.dilation,
-            augmult=augmult,
+            augmult=augmult, out_dtype=_accum(x.dtype),
         )  # fmt: skip
+
+    def conv2d_ghost_norm(x, delta, geom, augmult):
+        return gn.ghost_norm_conv2d(
+            x, delta, geom.kernel, stride=geom.stride, padding=geom.padding, dilation=geom.dilation, augmult=augmult
+        )
+
+    def linear_bookkeeping(a, delta, w):
+        return cr.clip_reduce_bookkeeping(a, delta, w, out_dtype=_accum(a.dtype))
 
     return LayerKernels(
         device_type=device_type,
         dtypes=_DTYPES,
         linear_norm=lambda a, d, out=None: psn.per_sample_norm(a, d, out=out),
         linear_ghost_norm=gn.ghost_norm,
-        linear_bookkeeping=cr.clip_reduce_bookkeeping,
+        linear_bookkeeping=linear_bookkeeping,
         conv2d_norm=conv2d_norm,
         conv2d_bookkeeping=conv2d_bookkeeping,
+        conv2d_ghost_norm=conv2d_ghost_norm,
     )

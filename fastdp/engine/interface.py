@@ -63,14 +63,18 @@ class Contribution:
 @dataclass(frozen=True)
 class LayerKernels:
     """The fused per-layer kernels a backend offers the plan (None: the torch strategy does that part). They compute
-    exactly what the torch strategies compute, with fp32 accumulation:
+    what the torch strategies compute, with fp32 accumulation, within the error each precision states (bf16/fp16
+    operands as given, fp32 by tf32x3 on tensor cores: fastdp.kernels._triton.dot_error_bound, README "How exactly C
+    is enforced"):
 
     - ``linear_norm(a, delta, out)``        ||delta_i^T a_i||_F^2 for a (B, T, d), delta (B, T, p); ``out``
                                             (B, p, d) or None receives G_i (the fused_keep plan),
     - ``linear_ghost_norm(a, delta)``       the same norm from tiles of the two Gram matrices (T > 1),
     - ``linear_bookkeeping(a, delta, w)``   sum_i w_i delta_i^T a_i, (p, d),
     - ``conv2d_norm(x, delta, geom, K, out)``        the per-example norm of a Conv2d (groups 1) by implicit GEMM,
-    - ``conv2d_bookkeeping(x, delta, w, geom, K)``   its clipped sum, (p, C, kh, kw).
+    - ``conv2d_bookkeeping(x, delta, w, geom, K)``   its clipped sum, (p, C, kh, kw),
+    - ``conv2d_ghost_norm(x, delta, geom, K)``       its norm by the ghost norm over the K Ho Wo positions (the
+                                                     low-resolution layers).
     """
 
     #: the device type the kernels take tensors on ('cuda'; 'cpu' only in Triton's interpreter, for tests)
@@ -81,6 +85,7 @@ class LayerKernels:
     linear_bookkeeping: Callable | None = None
     conv2d_norm: Callable | None = None
     conv2d_bookkeeping: Callable | None = None
+    conv2d_ghost_norm: Callable | None = None
 
     def takes(self, t: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the kernels run on ``t``'s device for operands of ``dtype`` (the rule's accumulation dtype)."""

@@ -7,9 +7,12 @@ per-example norm computed so carries ~1e-3 relative error, so the clip bound C w
 sensitivity, and with it the guarantee, would be larger than the one accounted for.
 
 fastdp therefore computes every per-example norm, and the clipped sums weighted by the factors drawn from them,
-with the inputs at their storage precision and fp32 (or wider) accumulation: inside ``full_fp32()`` float32
-operands are never rounded to TF32 or bf16. Under bf16/fp16 autocast the operands already are 16-bit tensors, which
-tensor cores multiply exactly and accumulate in fp32, so nothing is lost there. The forward and the input gradient
+with the inputs at their storage precision and fp32 (or wider) accumulation: inside ``full_fp32()`` the torch
+strategies' float32 operands are never rounded to TF32 or bf16. The Triton kernels keep fp32 operands on the tensor
+cores by tf32x3 (each operand split into two TF32 parts, three exact products: 5.01 * 2^-22 per product instead of
+TF32's 2^-11; ``fastdp.kernels._triton.dot_error_bound``). Under bf16/fp16 autocast the operands already are 16-bit
+tensors, which tensor cores multiply exactly and accumulate in fp32, so nothing is lost there. README "How exactly C
+is enforced" states the resulting bound for each precision. The forward and the input gradient
 (what autograd passes on) keep the user's setting: they define the gradient, not its clipping, and the norm and the
 clipped sum are computed from the same tensors, so ||c_i g_i|| <= C holds for the g_i that is summed.
 """

@@ -153,3 +153,17 @@ def trainable(module: nn.Module, *names: str) -> list[tuple[str, nn.Parameter]]:
         if isinstance(p, nn.Parameter) and p.requires_grad:
             out.append((n, p))
     return out
+
+
+def kernel_operands(
+    kernels: LayerKernels | None, acc: torch.dtype, x: torch.Tensor, grad_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's input and output gradient as a fused-kernel strategy hands them to the backend's kernels.
+
+    Under bf16/fp16 autocast both are 16-bit tensors: they go to the kernels as they are (tensor-core products are
+    exact, accumulation is fp32 inside the kernels), with no fp32 copy. Anything the kernels do not take in its own
+    dtype (mixed dtypes, float64, a dtype the backend lacks) is cast to ``acc``, as the torch strategies cast it.
+    """
+    if kernels is not None and x.dtype == grad_out.dtype and kernels.takes(x, x.dtype):
+        return x, grad_out
+    return x.to(acc), grad_out.to(acc)

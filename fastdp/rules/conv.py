@@ -21,8 +21,10 @@ name, cost, contribution):
              8x8 it costs about one weight gradient or less where instantiating costs 2-4.
 
 Where the engine's backend has the layer kernels (fastdp/backends/; Conv2d, groups 1):
-``fused_keep`` (the implicit-GEMM norm kernel also writes G_i, the norm costs no extra pass) and ``fused_bk``
-(the norm kernel, then the book-keeping sum by the backend's kernel, else the scaled weight-gradient convolution).
+``fused_keep`` (the implicit-GEMM norm kernel also writes G_i, the norm costs no extra pass), ``fused_bk``
+(the norm kernel, then the book-keeping sum by the backend's kernel, else the scaled weight-gradient convolution)
+and ``fused_ghost`` (the ghost norm by implicit GEMM, patch Grams in registers, then the same book-keeping: the
+low-resolution layers, where 2 T'^2 < p d).
 """
 
 from __future__ import annotations
@@ -38,7 +40,17 @@ from torch import nn
 from fastdp.engine import costs
 from fastdp.engine.contributions import Kept, accum_dtype, keep_rows, scale_rows, views_summed
 from fastdp.engine.interface import Contribution, LayerKernels
-from fastdp.rules.base import Cost, LayerCall, Rule, Strategies, Strategy, compute_dtype, register_rule, trainable
+from fastdp.rules.base import (
+    Cost,
+    LayerCall,
+    Rule,
+    Strategies,
+    Strategy,
+    compute_dtype,
+    kernel_operands,
+    register_rule,
+    trainable,
+)
 from fastdp.rules.conv_ghost import shifted_ghost, unfolded_ghost
 
 _convolution_backward = torch.ops.aten.convolution_backward
@@ -122,6 +134,9 @@ class ConvGeometry:
         )
 
 
+#: the strategies whose norm runs in the backend's kernels
+FUSED = frozenset({"fused_keep", "fused_bk", "fused_ghost"})
+
 #: strategies that never form per-example gradients (their clipped sum is book-keeping)
 GHOST_STRATEGIES = frozenset({"ghost", "shifted_ghost"})
 
@@ -154,13 +169,20 @@ class ConvBookKeeping(Contribution):
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         # zero-weight (dropped) examples are read as exact zeros on both sides of the product: their rows may be NaN
-        x = keep_rows(self.x, w, self.augmult)
+        K = self.augmult
         if self.kernel is not None:
-            return self.kernel(x, keep_rows(self.d, w, self.augmult), w, self.geom, self.augmult)
-        return self.geom.grad_weight(scale_rows(self.d, w, self.augmult), x)
+            return self.kernel(keep_rows(self.x, w, K), keep_rows(self.d, w, K), w, self.geom, K)
+        x, d = self._accum()
+        return self.geom.grad_weight(scale_rows(d, w, K), keep_rows(x, w, K))
 
     def instantiate(self) -> torch.Tensor:
-        return self.geom.per_example_grad_weight(self.x, self.d, self.augmult)
+        return self.geom.per_example_grad_weight(*self._accum(), self.augmult)
+
+    def _accum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x and delta in the accumulation dtype: a fused norm holds them as 16-bit tensors under autocast, and the
+        torch weight gradient would otherwise round in 16 bits."""
+        acc = accum_dtype(self.d.dtype)
+        return self.x.to(acc), self.d.to(acc)
 
 
 @dataclass(frozen=True)
@@ -177,6 +199,7 @@ class ConvShape:
     ghost: float | None  # the ghost norm of unfolded x and delta, None where not offered
     shifted: float | None  # the shifted-diagonal ghost norm (stride 1), None where not offered
     fused_norm: bool  # the backend's implicit-GEMM norm takes the layer
+    fused_ghost: float | None  # the backend's implicit-GEMM ghost norm (2 B T'^2 (d + p)), None where not offered
     per_row: bool  # the rule needs per-output-row norms (WS convs): the fused norm gives none without G_i
 
 
@@ -214,9 +237,11 @@ def conv_shape(
         shifted = grams + costs.stream(2 * math.prod(module.kernel_size) * B * module.groups * Tk * Tk * esize)
     fused = kernels is not None and kernels.conv2d_norm is not None and len(module.kernel_size) == 2
     fused = fused and module.groups == 1 and kernels.takes(x, accum_dtype(module.weight.dtype))
+    # the ghost norm's Grams in registers: no unfold traffic, the book-keeping GEMM replaces the weight gradient
+    fused_ghost = 2.0 * B * Tk * Tk * (d + p) if fused and kernels.conv2d_ghost_norm is not None else None
     return ConvShape(
         B=B, Tk=Tk, wgrad=wgrad, kept=kept, held=held, grouped=grouped_eff * wgrad + costs.stream(kept),
-        unfold=unfold, ghost=ghost, shifted=shifted, fused_norm=fused, per_row=per_row,
+        unfold=unfold, ghost=ghost, shifted=shifted, fused_norm=fused, fused_ghost=fused_ghost, per_row=per_row,
     )  # fmt: skip
 
 
@@ -267,7 +292,8 @@ def _shifted_ghost(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: i
 
 def _fused_keep(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool) -> ConvWeight:
     geom: ConvGeometry = call.info["geom"]
-    g = x.new_empty(x.shape[0] // augmult, *geom.weight_shape)
+    # G_i in the accumulation dtype whatever the operands' (16-bit under autocast): the norm is that of what is kept
+    g = x.new_empty(x.shape[0] // augmult, *geom.weight_shape, dtype=accum_dtype(x.dtype))
     kept = Kept(g, call.engine.kernels.conv2d_norm(x, d, geom, augmult, g))
     return kept, _sq(g, kept, per_row), g
 
@@ -275,6 +301,12 @@ def _fused_keep(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int,
 def _fused_bk(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool) -> ConvWeight:
     geom, kernels = call.info["geom"], call.engine.kernels
     sq = kernels.conv2d_norm(x, d, geom, augmult)
+    return ConvBookKeeping(geom, x, d, sq, augmult, kernels.conv2d_bookkeeping), sq, None
+
+
+def _fused_ghost(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool) -> ConvWeight:
+    geom, kernels = call.info["geom"], call.engine.kernels
+    sq = kernels.conv2d_ghost_norm(x, d, geom, augmult)
     return ConvBookKeeping(geom, x, d, sq, augmult, kernels.conv2d_bookkeeping), sq, None
 
 
@@ -315,6 +347,13 @@ CONV_STRATEGIES = Strategies(
         offered=lambda s: s.fused_norm and not s.per_row,
         cost=lambda s: Cost(s.wgrad, s.held),
         contribute=_fused_bk,
+    ),
+    # the ghost norm in the backend's kernel (low resolution: 2 T'^2 < p d), then book-keeping; total norms only
+    Strategy(
+        "fused_ghost",
+        offered=lambda s: s.fused_ghost is not None and not s.per_row,
+        cost=lambda s: Cost(s.fused_ghost, s.held),
+        contribute=_fused_ghost,
     ),  # fmt: skip
 )
 
@@ -366,17 +405,22 @@ class ConvRule(Rule):
         m = call.module
         (x,) = saved
         acc = accum_dtype(m.weight.dtype)
-        x, d = x.to(acc), grad_out.to(acc)
+        # fused strategies take 16-bit operands as they are (tensor cores, fp32 accumulation), the others fp32
+        if call.strategy in FUSED:
+            x, d = kernel_operands(call.engine.kernels, acc, x, grad_out)
+        else:
+            x, d = x.to(acc), grad_out.to(acc)
         out: list = []
         for name, p in trainable(m, "weight", "bias"):
             if name == "bias":
-                out.append((p, Kept(bias_grads(d, augmult).to(p.dtype))))
+                out.append((p, Kept(bias_grads(d, augmult, acc).to(p.dtype))))
             else:
                 contribution, _, _ = self.weight_contribution(call, x, d, augmult)
                 out.append((p, contribution))
         return out
 
 
-def bias_grads(d: torch.Tensor, augmult: int) -> torch.Tensor:
-    """Per-example bias gradient: delta summed over positions and views, (B, C_out)."""
-    return views_summed(d.flatten(2).sum(2), augmult)
+def bias_grads(d: torch.Tensor, augmult: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-example bias gradient: delta summed over positions and views, (B, C_out), accumulated in ``dtype``
+    (default: delta's)."""
+    return views_summed(d.flatten(2).sum(2, dtype=dtype), augmult)

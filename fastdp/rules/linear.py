@@ -29,7 +29,17 @@ from torch import nn
 from fastdp.engine import costs
 from fastdp.engine.contributions import Kept, accum_dtype, keep_rows, scale_rows, sq_norms
 from fastdp.engine.interface import Contribution, LayerKernels
-from fastdp.rules.base import Cost, LayerCall, Rule, Strategies, Strategy, compute_dtype, register_rule, trainable
+from fastdp.rules.base import (
+    Cost,
+    LayerCall,
+    Rule,
+    Strategies,
+    Strategy,
+    compute_dtype,
+    kernel_operands,
+    register_rule,
+    trainable,
+)
 
 
 def ghost_sq_norms(a: torch.Tensor, d: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
@@ -59,13 +69,20 @@ class LinearBookKeeping(Contribution):
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         # zero-weight (dropped) examples are read as exact zeros on both sides of the product: their rows may be NaN
-        a = keep_rows(self.a, w)
         if self.kernel is not None:
-            return self.kernel(a, keep_rows(self.d, w), w)
-        return scale_rows(self.d, w).flatten(0, 1).t() @ a.flatten(0, 1)
+            return self.kernel(keep_rows(self.a, w), keep_rows(self.d, w), w)
+        a, d = self._accum()
+        return scale_rows(d, w).flatten(0, 1).t() @ keep_rows(a, w).flatten(0, 1)
 
     def instantiate(self) -> torch.Tensor:
-        return torch.bmm(self.d.transpose(1, 2), self.a)
+        a, d = self._accum()
+        return torch.bmm(d.transpose(1, 2), a)
+
+    def _accum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """a and delta in the accumulation dtype: a fused norm holds them as 16-bit tensors under autocast, and a
+        backend without the book-keeping kernel sums them in torch, which would otherwise round in 16 bits."""
+        acc = accum_dtype(self.d.dtype)
+        return self.a.to(acc), self.d.to(acc)
 
 
 @dataclass(frozen=True)
@@ -108,7 +125,8 @@ class LinearShape:
 
 
 def _fused_keep(call: LayerCall, a: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> Contribution:
-    g = a.new_empty(a.shape[0], d.shape[2], a.shape[2])
+    # G_i in the accumulation dtype whatever the operands' (16-bit under autocast): the norm is that of what is kept
+    g = a.new_empty(a.shape[0], d.shape[2], a.shape[2], dtype=accum_dtype(dtype))
     sq = call.engine.kernels.linear_norm(a, d, g)
     return Kept(g.to(dtype), sq)
 
@@ -161,6 +179,10 @@ LINEAR_STRATEGIES = Strategies(
 )
 
 
+#: the strategies whose norm runs in the backend's kernels
+FUSED = frozenset({"fused_keep", "fused_bk", "fused_ghost"})
+
+
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     strategy_names = LINEAR_STRATEGIES.names
@@ -202,13 +224,14 @@ class LinearRule(Rule):
         (x,) = saved
         acc = accum_dtype(m.weight.dtype)
         B = x.shape[0] // augmult
-        a = x.reshape(B, -1, m.in_features).to(acc)
-        d = grad_out.reshape(B, -1, m.out_features).to(acc)
+        a, d = x.reshape(B, -1, m.in_features), grad_out.reshape(B, -1, m.out_features)
+        # fused strategies take 16-bit operands as they are (tensor cores, fp32 accumulation), the others fp32
+        a, d = kernel_operands(call.engine.kernels, acc, a, d) if call.strategy in FUSED else (a.to(acc), d.to(acc))
         weight = LINEAR_STRATEGIES[call.strategy].contribute
         out: list = []
         for name, p in trainable(m, "weight", "bias"):
             if name == "bias":
-                out.append((p, Kept(d.sum(1).to(p.dtype))))
+                out.append((p, Kept(d.sum(1, dtype=acc).to(p.dtype))))
             else:
                 out.append((p, weight(call, a, d, p.dtype)))
         return out
