@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastdp.engine.binding import Binding, CallError, one_tensor
 from fastdp.engine.interface import Contribution, Cost, LayerCall, LayerFunction, LayerKernels
 
 __all__ = [
-    "Cost", "LayerCall", "LayerFunction", "Rule", "Strategies", "Strategy", "compute_dtype", "known_strategies",
-    "register_rule", "rule_for", "trainable",
+    "CallError", "Cost", "LayerCall", "LayerFunction", "Rule", "Strategies", "Strategy", "compute_dtype",
+    "known_strategies", "register_rule", "rule_for", "trainable",
 ]  # fmt: skip
 
 
@@ -71,6 +72,18 @@ class Rule:
     norm_reads_forward: bool = False
     #: every strategy ``strategies`` may offer (what ``strategy=`` is checked against)
     strategy_names: frozenset[str] = frozenset({"keep"})
+    #: whether the rule computes the module's whole subtree (the children's parameters included in ``params``), so
+    #: that the engine wraps none of its children
+    covers_children: bool = False
+
+    def bind(self, module: nn.Module, args: tuple, kwargs: dict) -> Binding:
+        """Take a call apart (fastdp.engine.binding): the default rule takes exactly one tensor, its batch in dim 0.
+        Raise ``CallError`` (what is wrong and what to do) for a call the rule cannot handle exactly."""
+        return one_tensor(module, args, kwargs)
+
+    def out_dims(self, module: nn.Module, outputs: Sequence[torch.Tensor]) -> list[int]:
+        """The batch dimension of each tensor output (in the order of the output's tensor leaves)."""
+        return [0] * len(outputs)
 
     def check(self, module: nn.Module) -> None:
         """Raise a clear error if this module's configuration is not supported."""
@@ -80,14 +93,14 @@ class Rule:
         return [p for p in module.parameters(recurse=False) if p.requires_grad]
 
     def prepare(self, call: LayerCall, x: torch.Tensor) -> torch.Tensor:
-        """Parameter-free preprocessing done under ordinary autograd (padding, normalisation)."""
+        """Parameter-free preprocessing done under ordinary autograd (padding, normalisation); rules with one input."""
         return x
 
     def strategies(
         self, module: nn.Module, x: torch.Tensor, augmult: int, kernels: LayerKernels | None = None
     ) -> dict[str, Cost]:
-        """Plan candidates for this input (``fused_*`` ones where the backend's ``kernels`` take it); the default
-        rule has one."""
+        """Plan candidates for this input (a tuple of them for a rule with several; ``fused_*`` ones where the
+        backend's ``kernels`` take it); the default rule has one."""
         return {"keep": Cost(0.0, 0.0)}
 
     def compute(self, call: LayerCall, x: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
