@@ -179,3 +179,32 @@ def test_single_input_rule_called_with_two_tensors_names_the_module():
     GradSampleEngine(model, max_grad_norm=1.0)
     with pytest.raises(ValueError, match=r"fastdp: fc \(Linear\): its forward does not take this call"):
         model(torch.randn(2, 3))
+
+
+class SeqFirst(nn.Module):
+    """Position-wise layers fed (T, N, E), as inside nn.TransformerEncoderLayer(batch_first=False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.ln = nn.LayerNorm(4)
+
+    def forward(self, x):
+        h = self.ln(torch.tanh(self.fc(x.transpose(0, 1))))
+        return h.transpose(0, 1).flatten(1)
+
+    @staticmethod
+    def inputs(n):
+        return torch.randn(n, 3, 4), torch.randn(n, 12)
+
+
+@pytest.mark.parametrize("augmult", [1, 2])
+def test_position_wise_layers_take_the_batch_in_dim_1(augmult):
+    torch.manual_seed(seed_of("seq first", augmult))
+    model = SeqFirst()
+    x, t = _views(*SeqFirst.inputs(5), augmult)
+    assert_exact(model, x, t, [2 * augmult, 3 * augmult], augmult=augmult)
+    eng = GradSampleEngine(model, max_grad_norm=1.0, augmult=augmult)
+    row_loss(model(x), t).mean().backward()
+    (layout,) = eng.layouts.values()
+    assert layout[(model.fc, 0)] == (Batched(augmult, dim=1),) and layout[(model.ln, 0)] == (Batched(augmult, dim=1),)

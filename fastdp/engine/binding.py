@@ -46,6 +46,9 @@ class Binding:
     _rebuild: Callable[[list[Any]], tuple[tuple, dict]]
     _leaves: list[Any]
     _slots: list[int]
+    #: the layer acts on each position of its one input alone (Linear, LayerNorm): a sequence-first input (T, N, ...)
+    #: may hold the batch in dim 1, and the engine then runs the layer on it batch first
+    positionwise: bool = False
 
     def arguments(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
         """The call's (args, kwargs) with ``tensors`` in place of the original tensor arguments."""
@@ -56,6 +59,14 @@ class Binding:
 
     def describe(self, index: int) -> str:
         return f"argument {self.names[index]!r}"
+
+    def values(self, module: nn.Module, tensors: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """Every argument of the call by its forward's parameter names, defaults filled in, with ``tensors`` in place
+        of the tensors (for rules that read flags such as ``need_weights``)."""
+        args, kwargs = self.arguments(tensors)
+        bound = _signature(type(module).forward).bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        return dict(list(bound.arguments.items())[1:])
 
 
 @functools.cache
@@ -113,12 +124,13 @@ def bind_call(
     )
 
 
-def one_tensor(module: nn.Module, args: tuple, kwargs: dict) -> Binding:
+def one_tensor(module: nn.Module, args: tuple, kwargs: dict, positionwise: bool = False) -> Binding:
     """The binding of a layer that takes exactly one tensor, its input (Linear, conv, norms)."""
     if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
         x = args[0]
-        return Binding([x], [0], [True], ["input"], lambda leaves: ((leaves[0],), {}), [x], [0])
+        return Binding([x], [0], [True], ["input"], lambda leaves: ((leaves[0],), {}), [x], [0], positionwise)
     b = bind_call(module, args, kwargs)
+    b.positionwise = positionwise
     if len(b.tensors) != 1:
         raise CallError(
             f"its rule takes exactly one tensor argument (the input), got {len(b.tensors)} "

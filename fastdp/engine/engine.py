@@ -292,16 +292,22 @@ class GradSampleEngine:
                 "enabled outside a forward of the model the optimizer wraps. Call the model itself (model(x)): its "
                 "input tells the engine how many examples the micro-batch holds."
             )
-        tensors, rows = micro.rows_of(module, binding, self)
+        tensors, rows, moved = micro.rows_of(module, binding, self)
         m = next((r for r, data in zip(rows, binding.data, strict=True) if r is not None and data), self.augmult)
         call = LayerCall(
             self, rule, module, strategy="", examples=micro.examples, rows_per_example=m, input_rows=tuple(rows),
             binding=binding,
         )  # fmt: skip
-        if len(tensors) == 1:
-            tensors = [rule.prepare(call, tensors[0])]
-        call.strategy = self.planner.plan(call, tensors)
-        return unflatten_outputs(call, LayerFunction.apply(call, len(tensors), *tensors, *rule.params(module)))
+        if moved:  # a position-wise layer fed (T, N, ...): run it on (N, T, ...)
+            tensors = [tensors[0].movedim(moved, 0)]
+        try:
+            if len(tensors) == 1:
+                tensors = [rule.prepare(call, tensors[0])]
+            call.strategy = self.planner.plan(call, tensors)
+            out = LayerFunction.apply(call, len(tensors), *tensors, *rule.params(module))
+        except CallError as e:
+            raise ValueError(f"fastdp: {self._names.get(module) or 'model'} ({type(module).__name__}): {e}") from None
+        return out.movedim(0, moved) if moved else unflatten_outputs(call, out)
 
     # ------------------------------------------------------------------ planning (fastdp.engine.planning)
     @property
@@ -399,16 +405,17 @@ class _MicroBatch:
 
     def rows_of(
         self, module: nn.Module, binding: Binding, engine: GradSampleEngine
-    ) -> tuple[list[torch.Tensor], list[int | None]]:
+    ) -> tuple[list[torch.Tensor], list[int | None], int]:
         """The layer's inputs as the engine feeds them (fastdp.engine.provenance.feed: shared ones expanded to N*K
-        rows when nothing else is batched) and each one's rows per example (None: shared and broadcast)."""
+        rows when nothing else is batched), each one's rows per example (None: shared and broadcast), and the
+        dimension a position-wise layer's one input holds the batch in when that is not dim 0 (else 0)."""
         index = self.count.get(module, 0)
         self.count[module] = index + 1
         K, name = engine.augmult, engine._names.get(module) or "model"
         if self.layout is None:  # one example owns every row
             pairs = zip(binding.tensors, binding.dims, strict=True)
             layout = tuple(Batched(t.shape[d]) if t.dim() > d else Shared() for t, d in pairs)
-            return feed(layout, binding, K, K)
+            return (*feed(layout, binding, K, K), 0)
         layout = self.layout.get((module, index))
         if layout is None or len(layout) != len(binding.tensors):
             raise ProvenanceError(
@@ -419,6 +426,7 @@ class _MicroBatch:
         for j, (x, prov, d) in enumerate(zip(binding.tensors, layout, binding.dims, strict=True)):
             if not isinstance(prov, Batched):
                 continue
+            d = d if prov.dim is None else prov.dim
             m = prov.rows_per_example
             if x.dim() <= d or x.shape[d] != self.examples * m:
                 which = f" ({binding.describe(j)})" if len(binding.tensors) > 1 else ""
@@ -427,7 +435,8 @@ class _MicroBatch:
                     f"input shape it had {m} rows per example in dim {d}, {self.examples * m} for the {self.examples} "
                     "examples of this micro-batch. Keep the examples in the batch dimension of every layer's input."
                 )
-        return feed(layout, binding, self.examples * K, K)
+        moved = next((p.dim for p in layout if isinstance(p, Batched) and p.dim), 0)
+        return (*feed(layout, binding, self.examples * K, K), moved)
 
 
 def _device_of(model: nn.Module) -> torch.device | None:

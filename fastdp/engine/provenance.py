@@ -58,9 +58,11 @@ _RTOL = 1e-5
 
 @dataclass(frozen=True)
 class Batched:
-    """The input holds ``rows_per_example`` consecutive rows of every example (example-major)."""
+    """The input holds ``rows_per_example`` consecutive rows of every example (example-major) in its batch dimension,
+    or in dimension ``dim`` when that is another (a position-wise layer fed a sequence-first tensor)."""
 
     rows_per_example: int
+    dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class Recorder:
     ) -> None:
         self.examples, self.rows, self.layout, self.perturb = examples, rows, layout, perturb
         self.calls: list[tuple[CallKey, list[torch.Tensor], list[str]]] = []
+        self.positionwise: dict[CallKey, bool] = {}
         self._count: dict[nn.Module, int] = {}
 
     def __call__(
@@ -130,6 +133,7 @@ class Recorder:
         self._count[module] = key[1] + 1
         inputs = [_batch_first(t, d) for t, d in zip(binding.tensors, binding.dims, strict=True)]
         self.calls.append((key, inputs, binding.names))
+        self.positionwise[key] = binding.positionwise
         tensors = binding.tensors
         if self.layout is not None and key in self.layout:
             tensors, _ = feed(self.layout[key], binding, self.rows, self.rows // self.examples)
@@ -225,21 +229,22 @@ def probe(
             )
     layout: dict[CallKey, CallLayout] = {}
     ambiguous = []
+    positionwise = recs["A"].positionwise
     for (key, xas, labels), (_, xrs, _), (_, xds, _) in zip(recs["A"].calls, recs["R"].calls, recs["D"].calls,
                                                             strict=True):  # fmt: skip
         entry = []
         for j, (xa, xr, xd) in enumerate(zip(xas, xrs, xds, strict=True)):
-            n = xa.shape[0] if xa.dim() > 0 else 0
-            m = n // examples if n and n % examples == 0 else 0
-            equivariant = m > 0 and _close(xr, xa.roll(m, 0)) and _close(xd, _copy_block(xa, m))
+            m = _rows_per_example(xa, xr, xd, examples)
             invariant = _close(xr, xa) and _close(xd, xa)
-            if equivariant and invariant:
+            if m and invariant:
                 ambiguous.append((key, j, m))
                 entry.append(Batched(m))
-            elif equivariant:
+            elif m:
                 entry.append(Batched(m))
             elif invariant:
                 entry.append(Shared())
+            elif positionwise[key] and xa.dim() >= 3 and (m := _rows_per_example(*_seq_first(xa, xr, xd), examples)):
+                entry.append(Batched(m, dim=1))  # sequence-first: (T, N, ...) into a layer that acts per position
             else:
                 raise ProvenanceError(
                     f"fastdp: {_describe(key, names)} gets an input{_which(labels, j)} of shape {tuple(xa.shape)} "
@@ -279,6 +284,17 @@ def probe(
                 + (f" (With the copies the forward failed: {type(failure).__name__}: {failure}.)" if failure else "")
             ) from failure
     return layout
+
+
+def _rows_per_example(xa: torch.Tensor, xr: torch.Tensor, xd: torch.Tensor, examples: int) -> int:
+    """m when the rows of dim 0 are example-major blocks of m that move with the examples (0 when they are not)."""
+    n = xa.shape[0] if xa.dim() > 0 else 0
+    m = n // examples if n and n % examples == 0 else 0
+    return m if m and _close(xr, xa.roll(m, 0)) and _close(xd, _copy_block(xa, m)) else 0
+
+
+def _seq_first(*views: torch.Tensor) -> list[torch.Tensor]:
+    return [t.movedim(1, 0) for t in views]
 
 
 def _which(labels: list[str], j: int) -> str:

@@ -75,11 +75,14 @@ class Rule:
     #: whether the rule computes the module's whole subtree (the children's parameters included in ``params``), so
     #: that the engine wraps none of its children
     covers_children: bool = False
+    #: whether the layer acts on each position of its input alone, so that a sequence-first input (T, N, ...) can be
+    #: run batch first (fastdp.engine.binding.Binding.positionwise)
+    positionwise: bool = False
 
     def bind(self, module: nn.Module, args: tuple, kwargs: dict) -> Binding:
         """Take a call apart (fastdp.engine.binding): the default rule takes exactly one tensor, its batch in dim 0.
         Raise ``CallError`` (what is wrong and what to do) for a call the rule cannot handle exactly."""
-        return one_tensor(module, args, kwargs)
+        return one_tensor(module, args, kwargs, self.positionwise)
 
     def out_dims(self, module: nn.Module, outputs: Sequence[torch.Tensor]) -> list[int]:
         """The batch dimension of each tensor output (in the order of the output's tensor leaves)."""
@@ -117,11 +120,13 @@ class Rule:
         raise NotImplementedError
 
 
-_RULES: dict[type[nn.Module], Rule] = {}
+_RULES: dict[type[nn.Module] | str, Rule] = {}
 
 
-def register_rule(*module_types: type[nn.Module]) -> Callable[[type[Rule]], type[Rule]]:
-    """Class decorator: ``@register_rule(nn.Conv2d)`` makes the rule handle that exact module type."""
+def register_rule(*module_types: type[nn.Module] | str) -> Callable[[type[Rule]], type[Rule]]:
+    """Class decorator: ``@register_rule(nn.Conv2d)`` makes the rule handle that exact module type. A type given by
+    its qualified name (``"transformers.pytorch_utils.Conv1D"``) is matched by name, so that a rule for an optional
+    dependency's module neither imports it nor needs it installed."""
 
     def deco(cls: type[Rule]) -> type[Rule]:
         rule = cls()
@@ -137,13 +142,18 @@ def known_strategies() -> frozenset[str]:
     return frozenset().union(Rule.strategy_names, *(r.strategy_names for r in _RULES.values()))
 
 
+def _registered(t: type) -> Rule | None:
+    return _RULES.get(t) or _RULES.get(f"{t.__module__}.{t.__qualname__}")
+
+
 def rule_for(module: nn.Module) -> Rule | None:
     """The rule for this module: its exact type, or a registered base whose behaviour it does not override."""
     t = type(module)
-    if t in _RULES:
-        return _RULES[t]
+    rule = _registered(t)
+    if rule is not None:
+        return rule
     for base in t.__mro__[1:]:
-        rule = _RULES.get(base)
+        rule = _registered(base)
         if rule is not None:
             same = all(getattr(t, m, None) is getattr(base, m, None) for m in rule.frozen_methods)
             return rule if same else None
