@@ -160,7 +160,8 @@ class Encoder(nn.Module):
         super().__init__()
         layer = nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, activation="gelu", batch_first=batch_first,
                                            norm_first=norm_first)  # fmt: skip
-        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        # nested tensors (the default) are a no-grad fast path: the engine's probe turns it off, training never takes it
+        self.enc = nn.TransformerEncoder(layer, 2)
         self.head = nn.Linear(E, 3)
         self.batch_first = batch_first
 
@@ -234,3 +235,44 @@ def test_transformer_layers_train_exactly(name, sizes, augmult, reduction):
         plans = assert_exact(model, x, t, [s * augmult for s in SIZES[sizes]], augmult=augmult, reduction=reduction)
     attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     assert attention and all(n in plans for n in attention)
+
+
+def test_mask_whose_rows_match_the_batch_by_chance_is_shared():
+    """A (4, 4) zero mask with micro-batches of 2 then 4 examples: its rows fit 2 per example and do not move with
+    the examples, so the probe cannot tell it from per-example copies; a mask is never split, so it is shared and
+    the second micro-batch (4 examples) is not refused."""
+
+    class ZeroMask(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(E, H, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, attn_mask=torch.zeros(4, 4), need_weights=False)[0].flatten(1)
+
+    torch.manual_seed(43)
+    model = ZeroMask()
+    x, t = torch.randn(6, 4, E), torch.randn(6, 4 * E)
+    assert_exact(model, x, t, [2, 4])
+
+
+def test_attention_called_twice_sums_its_per_example_gradients():
+    """One MultiheadAttention used for self- then cross-attention: its packed weight gets a full GEMM and a stack of
+    row blocks, added per example before the norm."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(E, H, batch_first=True, add_bias_kv=True)
+            self.mem = nn.Linear(E, E)
+
+        def forward(self, x):
+            h = self.mha(x, x, x, need_weights=False)[0]
+            m = self.mem(x[:, :S])
+            return self.mha(torch.tanh(h), m, m, need_weights=False)[0].flatten(1)
+
+    torch.manual_seed(44)
+    model = Twice()
+    x, t = torch.randn(6, L, E), torch.randn(6, L * E)
+    x, t = _views(x, t, 2)
+    assert_exact(model, x, t, [4, 8], augmult=2)

@@ -120,6 +120,7 @@ class Recorder:
         self.examples, self.rows, self.layout, self.perturb = examples, rows, layout, perturb
         self.calls: list[tuple[CallKey, list[torch.Tensor], list[str]]] = []
         self.positionwise: dict[CallKey, bool] = {}
+        self.data: dict[CallKey, list[bool]] = {}
         self._count: dict[nn.Module, int] = {}
 
     def __call__(
@@ -134,6 +135,7 @@ class Recorder:
         inputs = [_batch_first(t, d) for t, d in zip(binding.tensors, binding.dims, strict=True)]
         self.calls.append((key, inputs, binding.names))
         self.positionwise[key] = binding.positionwise
+        self.data[key] = binding.data
         tensors = binding.tensors
         if self.layout is not None and key in self.layout:
             tensors, _ = feed(self.layout[key], binding, self.rows, self.rows // self.examples)
@@ -236,7 +238,9 @@ def probe(
         for j, (xa, xr, xd) in enumerate(zip(xas, xrs, xds, strict=True)):
             m = _rows_per_example(xa, xr, xd, examples)
             invariant = _close(xr, xa) and _close(xd, xa)
-            if m and invariant:
+            if m and invariant and not recs["A"].data[key][j]:
+                entry.append(Shared())  # a mask the same for every example: the layer uses it as given, whole
+            elif m and invariant:
                 ambiguous.append((key, j, m))
                 entry.append(Batched(m))
             elif m:

@@ -211,19 +211,20 @@ class MultiheadAttentionRule(Rule):
             masks = {n: values[n].detach().requires_grad_() for n in _MASKS if _float(values[n])}
             mask = _merged_mask({**values, **masks}, R, H, L, S, cdt)
             hd = E // H
-            qh = q.reshape(R, L, H, hd).transpose(1, 2) * math.sqrt(1.0 / hd)
+            qh = q.reshape(R, L, H, hd).transpose(1, 2)
             kh = k.reshape(R, S, H, hd).transpose(1, 2)
             vh = v.reshape(R, S, H, hd).transpose(1, 2)
-            scores = qh @ kh.transpose(-2, -1)
-            if mask is not None:
-                scores = scores + mask
-            weights = torch.softmax(scores, -1)
-            if m.training and m.dropout > 0:
-                weights = F.dropout(weights, p=m.dropout)
-            o = (weights @ vh).transpose(1, 2).reshape(R, L, E)
+            p = m.dropout if m.training else 0.0
             returned = None
-            if values["need_weights"]:
+            if values["need_weights"]:  # the weights are an output: the explicit product, as torch's module does
+                scores = (qh * math.sqrt(1.0 / hd)) @ kh.transpose(-2, -1)
+                weights = torch.softmax(scores if mask is None else scores + mask, -1)
+                weights = F.dropout(weights, p=p) if p > 0 else weights
+                oh = weights @ vh
                 returned = weights.mean(1) if values["average_attn_weights"] else weights
+            else:  # the fused kernel, with its own backward (no L x S weights kept where it can avoid them)
+                oh = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=p)
+            o = oh.transpose(1, 2).reshape(R, L, E)
         o_detached = o.detach()
         out = F.linear(
             o_detached, m.out_proj.weight.to(cdt), None if m.out_proj.bias is None else m.out_proj.bias.to(cdt)

@@ -42,10 +42,10 @@ class FallbackRule(Rule):
         dims = self.out_dims(m, leaves)
         for t, d in zip(leaves, dims, strict=True):
             if t.is_floating_point() and (t.dim() <= d or t.shape[d] % call.examples):
-                raise ValueError(
-                    f"fastdp fallback: {type(m).__name__} returned a tensor of shape {tuple(t.shape)} without the "
-                    f"{call.examples} examples of the micro-batch in dim {d}, so its gradient cannot be attributed to "
-                    "examples. Return per-example outputs (the batch in dim 0), or give the module a rule with "
+                raise CallError(
+                    f"it returned a tensor of shape {tuple(t.shape)} without the {call.examples} examples of the "
+                    f"micro-batch in dim {d}, so the torch.func fallback cannot attribute its gradient to examples. "
+                    "Return per-example outputs (the batch in dim 0), or give the module a rule with "
                     "fastdp.rules.register_rule."
                 )
         return out, inputs
