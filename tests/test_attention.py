@@ -276,3 +276,20 @@ def test_attention_called_twice_sums_its_per_example_gradients():
     x, t = torch.randn(6, L, E), torch.randn(6, L * E)
     x, t = _views(x, t, 2)
     assert_exact(model, x, t, [4, 8], augmult=2)
+
+
+def test_attention_is_planned_once_for_every_micro_batch_size(monkeypatch):
+    """The plan of a layer with several inputs is keyed by their shapes without the batch (Poisson batches vary)."""
+    from fastdp.rules import rule_for
+
+    torch.manual_seed(45)
+    model = Attention(**CONFIGS["cross_separate_kv_zero_attn"])
+    eng = GradSampleEngine(model, max_grad_norm=1.0)
+    rule = rule_for(model.mha)
+    planned = []
+    original = rule.strategies
+    monkeypatch.setattr(rule, "strategies", lambda *a, **k: planned.append(1) or original(*a, **k))
+    for n in (4, 3, 5):
+        x, t = Attention.inputs(n)
+        row_loss(model(x), _targets(model, x, t)).mean().backward()
+    assert len(planned) == 1 and model.mha in eng.plans

@@ -62,8 +62,9 @@ class Planner:
         x = inputs[0]
         if len(inputs) == 1:
             key = (tuple(x.shape[1:]), x.dtype, m)
-        else:  # every input's shape (the batch included: which dimension holds it is the rule's business)
-            key = (tuple(tuple(t.shape) for t in inputs), x.dtype, m)
+        else:  # every input's shape without its batch dimension (fastdp.engine.binding)
+            dims = call.binding.dims
+            key = (tuple(t.shape[:d] + t.shape[d + 1 :] for t, d in zip(inputs, dims, strict=True)), x.dtype, m)
         cached = self.plans.get(module)
         if cached is not None and cached[0] == key:
             return cached[1]
