@@ -208,3 +208,32 @@ def test_position_wise_layers_take_the_batch_in_dim_1(augmult):
     row_loss(model(x), t).mean().backward()
     (layout,) = eng.layouts.values()
     assert layout[(model.fc, 0)] == (Batched(augmult, dim=1),) and layout[(model.ln, 0)] == (Batched(augmult, dim=1),)
+
+
+def test_fallback_output_with_the_batch_elsewhere_is_refused_not_broadcast():
+    """A custom module returning (T, N, E): with T == N its dim 0 divides by the examples, and one example's (T, 1, E)
+    output would broadcast against the wrong rows of the output gradient. It must be refused."""
+
+    class SeqFirstOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4))
+
+        def forward(self, x):  # (N, T, E) -> (T, N, E)
+            return (x * self.w).transpose(0, 1)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = SeqFirstOut()
+
+        def forward(self, x):
+            return self.inner(x).transpose(0, 1).flatten(1)
+
+    model = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        GradSampleEngine(model, max_grad_norm=1.0)
+    x = torch.randn(3, 3, 4)  # T == N == 3
+    with pytest.raises(ValueError, match=r"SeqFirstOut run on one example returned an output of shape \(3, 1, 4\)"):
+        model(x).square().sum().backward()

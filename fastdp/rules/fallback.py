@@ -96,6 +96,14 @@ class FallbackRule(Rule):
 
         def example_loss(p: dict[str, torch.Tensor], xi: list[torch.Tensor], gi: list[torch.Tensor]) -> torch.Tensor:
             outs = _tensor_leaves(self._forward(call, m, xi, p))
+            for o, g in zip(outs, gi, strict=True):
+                if o.is_floating_point() and o.shape != g.shape:  # never let a broadcast pair other examples' rows
+                    raise ValueError(
+                        f"fastdp fallback: {type(m).__name__} run on one example returned an output of shape "
+                        f"{tuple(o.shape)} where its rows of the batch's output have shape {tuple(g.shape)}: its "
+                        "outputs do not hold the batch in the dimension the engine reads (dim 0, or what its rule's "
+                        "out_dims says). Return per-example outputs with the batch in dim 0."
+                    )
             return sum((o * g).sum() for o, g in zip(outs, gi, strict=True) if o.is_floating_point())
 
         engine._bypass = True
