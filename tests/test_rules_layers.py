@@ -181,18 +181,50 @@ def test_transformers_conv1d_is_registered_by_name_without_importing_it():
     assert isinstance(rule_for(HF(6, 4)), Conv1DRule)
 
 
-def test_embedding_bag_with_offsets_and_max_mode_are_refused_by_name():
-    class Flat(nn.Module):
+class FlatBags(nn.Module):
+    """A 1-D input with offsets: each example's L tokens flattened, in ``bags`` bags of its own (mean and sum)."""
+
+    def __init__(self, bags: int = 2, last_offset: bool = False) -> None:
+        super().__init__()
+        self.mean = nn.EmbeddingBag(9, 4, mode="mean", padding_idx=0, include_last_offset=last_offset)
+        self.sum = nn.EmbeddingBag(9, 4, mode="sum")
+        self.bags, self.last_offset = bags, last_offset
+
+    def forward(self, idx):
+        n, length = idx.shape
+        cuts = torch.tensor([0, 1, 3, 4][: self.bags])  # uneven bags within each example
+        starts = (torch.arange(n).unsqueeze(1) * length + cuts).flatten()
+        mean_offsets = torch.cat([starts, torch.tensor([n * length])]) if self.last_offset else starts
+        a = self.mean(idx.flatten(), mean_offsets).view(n, -1)
+        return torch.cat([a, self.sum(idx.flatten(), starts).view(n, -1)], 1)
+
+    @staticmethod
+    def inputs(n):
+        return torch.randint(0, 9, (n, 5)), torch.randn(n, 16)
+
+
+@pytest.mark.parametrize("last_offset", [False, True])
+@pytest.mark.parametrize("augmult", [1, 2])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_embedding_bag_with_offsets_within_examples_is_exact(last_offset, augmult, reduction):
+    torch.manual_seed(seed_of("flat bags", last_offset, augmult, reduction))
+    model = FlatBags(last_offset=last_offset)
+    x, t = _views(*FlatBags.inputs(5), augmult)
+    assert_exact(model, x, t, [2 * augmult, 3 * augmult], augmult=augmult, reduction=reduction)
+
+
+def test_embedding_bag_whose_bags_cross_examples_and_max_mode_are_refused_by_name():
+    class Crossing(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.bag = nn.EmbeddingBag(9, 4)
 
-        def forward(self, idx):
-            return self.bag(idx.flatten(), torch.arange(0, idx.numel(), idx.shape[1]))
+        def forward(self, idx):  # one bag per example, but shifted: bag 0 is tokens 0-1, bag 1 tokens 2-4, ...
+            return self.bag(idx.flatten(), torch.tensor([0, 2, 5, 8])).view(idx.shape[0], -1)
 
-    model = Flat()
+    model = Crossing()
     GradSampleEngine(model, max_grad_norm=1.0)
-    with pytest.raises(ValueError, match=r"fastdp: bag \(EmbeddingBag\): its input has shape \(12,\) with offsets"):
+    with pytest.raises(ValueError, match=r"fastdp: bag \(EmbeddingBag\): its offsets make 4 bags over 12 tokens"):
         model(torch.randint(0, 9, (4, 3)))
     with pytest.raises(ValueError, match=r"EmbeddingBag\(mode='max'\).*mode='sum' or 'mean'"):
         GradSampleEngine(nn.Sequential(nn.EmbeddingBag(9, 4, mode="max")), max_grad_norm=1.0)

@@ -5,8 +5,9 @@
 
 EmbeddingBag (modes "sum" and "mean", 2-D input: one bag per row) is the same with one token per (bag, position):
 token u of bag r carries delta_u = c_u delta_r, c_u its per_sample_weight ("sum"), 1 / (non-padding tokens of the
-bag) ("mean"), 0 for padding_idx. A 1-D input with offsets packs the bags of all examples into one row, which no
-provenance can split: refused, as is "max" (each output feature picks its own token).
+bag) ("mean"), 0 for padding_idx. A 1-D input with offsets is taken when its tokens are example-major (the probe
+sees that) and the offsets give every example the same number of bags within its own tokens; otherwise a bag would
+mix examples and it is refused, as is "max" (each output feature picks its own token).
 """
 
 from __future__ import annotations
@@ -103,47 +104,72 @@ class EmbeddingBagRule(Rule):
     def bind(self, module: nn.EmbeddingBag, args: tuple, kwargs: dict) -> Binding:
         b = bind_call(module, args, kwargs, not_data=("offsets",))
         values = b.values(module, b.tensors)
-        x = values["input"]
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or values["offsets"] is not None:
+        x, offsets = values["input"], values["offsets"]
+        if not isinstance(x, torch.Tensor) or x.dim() not in (1, 2) or (x.dim() == 1) != (offsets is not None):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise CallError(
-                f"its input has shape {shape}{' with offsets' if values['offsets'] is not None else ''}: a 1-D input "
-                "with offsets packs the bags of all examples into one row, which cannot be attributed to examples. "
-                "Pass a 2-D (bags, bag_size) input, one bag per row (pad short bags with padding_idx)."
+                f"its input has shape {shape}{' with offsets' if offsets is not None else ''}; fastdp takes a 2-D "
+                "(bags, bag_size) input, one bag per row, or a 1-D input with offsets whose bags each lie within one "
+                "example's tokens."
             )
         return b
 
     def compute(self, call: LayerCall, *inputs: torch.Tensor):
         m = call.module
         values = call.binding.values(m, inputs)
-        idx, psw = values["input"], values["per_sample_weights"]
-        out = F.embedding_bag(idx, m.weight, mode=m.mode, per_sample_weights=psw, padding_idx=m.padding_idx)
-        return out, (idx,) if psw is None else (idx, psw)
+        idx, offsets, psw = values["input"], values["offsets"], values["per_sample_weights"]
+        out = F.embedding_bag(idx, m.weight, offsets, mode=m.mode, per_sample_weights=psw, padding_idx=m.padding_idx,
+                              include_last_offset=m.include_last_offset)  # fmt: skip
+        tokens, bags = idx.flatten(), _bag_of_tokens(call, idx, offsets)
+        call.info["psw_shape"] = None if psw is None else psw.shape
+        return out, (tokens, bags) if psw is None else (tokens, bags, psw.flatten())
 
     def grad_input(self, call: LayerCall, saved, grad_out: torch.Tensor):
         m = call.module
         names = call.binding.names
         out = [None] * len(names)
-        if len(saved) == 2:  # d out_r / d psw_rt = weight[idx_rt] (padding tokens take no part)
-            idx, psw = saved
-            g = torch.einsum("rtd,rd->rt", F.embedding(idx, m.weight.to(grad_out.dtype)), grad_out)
+        if len(saved) == 3:  # d out_bag / d psw_u = weight[idx_u] (padding tokens take no part)
+            tokens, bags, psw = saved
+            g = torch.linalg.vecdot(F.embedding(tokens, m.weight.to(grad_out.dtype)), grad_out[bags])
             if m.padding_idx is not None:
-                g = g.masked_fill(idx == m.padding_idx, 0)
-            out[names.index("per_sample_weights")] = g.to(psw.dtype)
+                g = g.masked_fill(tokens == m.padding_idx, 0)
+            out[names.index("per_sample_weights")] = g.to(psw.dtype).view(call.info["psw_shape"])
         return tuple(out)
 
     def contributions(self, call: LayerCall, saved, grad_out: torch.Tensor, augmult: int):
         m = call.module
-        idx = saved[0]
+        tokens, bags = saved[:2]
         acc = accum_dtype(grad_out.dtype)
-        keep = torch.ones_like(idx, dtype=acc) if m.padding_idx is None else (idx != m.padding_idx).to(acc)
-        if len(saved) == 2:
-            c = saved[1].to(acc) * keep
+        keep = torch.ones_like(tokens, dtype=acc) if m.padding_idx is None else (tokens != m.padding_idx).to(acc)
+        if len(saved) == 3:
+            c = saved[2].to(acc) * keep
         elif m.mode == "mean":
-            c = keep / keep.sum(1, keepdim=True).clamp_min(1)
+            count = torch.zeros(grad_out.shape[0], dtype=acc, device=keep.device).index_add_(0, bags, keep)
+            c = keep / count.clamp_min(1)[bags]
         else:
             c = keep
-        d = c.unsqueeze(-1) * grad_out.to(acc).unsqueeze(1)  # (rows, bag, D): each token's share of its bag's delta
-        B = call.examples
-        idx, d = idx.reshape(B, -1), d.reshape(B, -1, m.embedding_dim)
-        return [(m.weight, EmbeddingBookKeeping(idx, d, m.num_embeddings, embedding_ghost_sq_norms(idx, d)))]
+        d = c.unsqueeze(-1) * grad_out.to(acc)[bags]  # each token's share of its bag's delta
+        B = call.examples  # tokens are example-major (_bag_of_tokens checked it for 1-D input)
+        tokens, d = tokens.reshape(B, -1), d.reshape(B, -1, m.embedding_dim)
+        return [(m.weight, EmbeddingBookKeeping(tokens, d, m.num_embeddings, embedding_ghost_sq_norms(tokens, d)))]
+
+
+def _bag_of_tokens(call: LayerCall, idx: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """The bag (output row) of every token. A 1-D input's tokens are example-major (the probe found m per example);
+    its bags, set by offsets, must each lie within one example's tokens and be as many per example, else a bag's
+    gradient would mix examples."""
+    if offsets is None:
+        return torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
+    starts = offsets[:-1] if call.module.include_last_offset else offsets
+    bags = torch.bucketize(torch.arange(idx.shape[0], device=idx.device), starts, right=True) - 1
+    B, m = call.examples, call.input_rows[call.binding.names.index("input")]
+    per = starts.shape[0] // B
+    if m is None or starts.shape[0] % B or not torch.equal(torch.arange(idx.shape[0], device=idx.device) // m,
+                                                           bags // max(per, 1)):  # fmt: skip
+        raise CallError(
+            f"its offsets make {starts.shape[0]} bags over {idx.shape[0]} tokens whose bags do not map to the "
+            f"{B} examples of the micro-batch ({m} tokens each): a bag holding tokens of several examples mixes them. "
+            "Give every example the same number of bags, each within its own tokens, or pass a 2-D (bags, bag_size) "
+            "input."
+        )
+    return bags
