@@ -95,7 +95,7 @@ def bind_call(
         bound = sig.bind(module, *args, **kwargs)
     except TypeError as e:
         raise CallError(f"its forward does not take this call ({e})") from None
-    names = list(bound.arguments)[1:]  # the first is the module itself
+    first, *names = list(bound.arguments)  # the first is the module itself (``self``, by any name)
     leaves, spec = tree_flatten([bound.arguments[n] for n in names])
     owner: list[str] = []
     for n in names:
@@ -106,7 +106,7 @@ def bind_call(
 
     def rebuild(new_leaves: list[Any]) -> tuple[tuple, dict]:
         values = tree_unflatten(new_leaves, spec)
-        new = inspect.BoundArguments(sig, {"self": module, **dict(zip(names, values, strict=True))})
+        new = inspect.BoundArguments(sig, {first: module, **dict(zip(names, values, strict=True))})
         return new.args[1:], new.kwargs
 
     labels = []

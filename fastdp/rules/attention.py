@@ -40,6 +40,8 @@ from fastdp.rules.base import Cost, LayerCall, Rule, compute_dtype, register_rul
 from fastdp.rules.linear import LINEAR_STRATEGIES, LinearShape, linear_shape
 
 _MASKS = ("key_padding_mask", "attn_mask")
+#: the module's own parameters (whichever exist), out_proj's come after them
+_PARAMETERS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v")
 
 
 class Stacked(Contribution):
@@ -106,13 +108,8 @@ class MultiheadAttentionRule(Rule):
     covers_children = True
     strategy_names = LINEAR_STRATEGIES.names
 
-    def check(self, module: nn.MultiheadAttention) -> None:
-        pass
-
     def params(self, module: nn.MultiheadAttention) -> list[nn.Parameter]:
-        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k")
-        own = [getattr(module, n) for n in (*names, "bias_v")]
-        own += [module.out_proj.weight, module.out_proj.bias]
+        own = [getattr(module, n) for n in _PARAMETERS] + [module.out_proj.weight, module.out_proj.bias]
         return [p for p in own if isinstance(p, nn.Parameter) and p.requires_grad]
 
     def bind(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Binding:
