@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -293,3 +294,36 @@ def test_attention_is_planned_once_for_every_micro_batch_size(monkeypatch):
         x, t = Attention.inputs(n)
         row_loss(model(x), _targets(model, x, t)).mean().backward()
     assert len(planned) == 1 and model.mha in eng.plans
+
+
+def test_attention_frozen_after_wrapping_is_not_attributed_or_refused():
+    """A layer frozen after the engine wrapped it needs no per-example gradient: neither the probe nor the forward
+    takes its call apart (here one the rule would refuse: 2-D queries shared by every example)."""
+    from conftest import reduce_rows, reference, split
+
+    class Queries(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(E, H)
+            self.queries = nn.Parameter(torch.randn(L, E), requires_grad=False)
+            self.fc = nn.Linear(E, 3)
+
+        def forward(self, x):
+            pooled = self.mha(self.queries, self.queries, self.queries)[0].mean(0)  # (E,): no batch at all
+            return self.fc(x + pooled).flatten(1)
+
+    torch.manual_seed(46)
+    model = Queries()
+    plain = copy.deepcopy(model).requires_grad_(False)  # the oracle runs on an unwrapped copy
+    plain.fc.requires_grad_(True)
+    eng = GradSampleEngine(model, max_grad_norm=0.5)
+    model.mha.requires_grad_(False)
+    x, t = torch.randn(5, L, E), torch.randn(5, 3 * L)
+    for xs, ts in split(x, t, [2, 3]):
+        reduce_rows(row_loss(model(xs), ts), "mean").backward()
+    summed, _ = eng.pop()
+    ref, _ = reference(plain, x, t, max_grad_norm=0.5)
+    assert set(ref) == {"fc.weight", "fc.bias"}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=1e-6)

@@ -272,7 +272,8 @@ class GradSampleEngine:
             return probe(run, (args, kwargs), examples, self.augmult, self._names)
 
     def _run(self, rule: Rule, module: nn.Module, args: tuple, kwargs: dict):
-        if self._recorder is None and (self._bypass or not torch.is_grad_enabled() or not rule.params(module)):
+        # frozen layers need no attribution (the probe skips them too); without gradients there is nothing to clip
+        if self._bypass or not rule.params(module) or (self._recorder is None and not torch.is_grad_enabled()):
             return type(module).forward(module, *args, **kwargs)
         try:
             binding = rule.bind(module, args, kwargs)
