@@ -136,6 +136,27 @@ def run_engine(
     return {n: summed[p] for n, p in named.items() if p in summed}, norms, plans
 
 
+def assert_exact(model, x, t, sizes, *, augmult=1, reduction="mean", strategy=None, backend="torch") -> dict[str, str]:
+    """The engine over micro-batches of ``sizes`` rows against the float64 loop, C at the median norm so that some
+    examples are clipped and some are not; returns the plan (strategy by module name)."""
+    _, ref_norms = reference(model, x, t, max_grad_norm=float("inf"), augmult=augmult)
+    C = ref_norms.median().item()
+    ref, _ = reference(model, x, t, max_grad_norm=C, augmult=augmult)
+    got, norms, plans = run_engine(
+        model, split(x, t, sizes), max_grad_norm=C, augmult=augmult, reduction=reduction, strategy=strategy,
+        backend=backend,
+    )  # fmt: skip
+    assert (ref_norms > C).any() and (ref_norms < C).any()
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=2e-5, atol=1e-7)
+    assert set(got) == set(ref), "every trainable parameter gets a clipped sum"
+    # each clipped term has norm <= C and float32 rounds it at ~1e-7 relative: the sum is good to ~examples * C * 1e-7
+    for n in ref:
+        torch.testing.assert_close(
+            got[n].double(), ref[n], rtol=2e-5, atol=2e-6 * len(ref_norms) * C, msg=lambda m, n=n: f"{n}: {m}"
+        )
+    return plans
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

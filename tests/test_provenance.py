@@ -97,9 +97,9 @@ def test_probe_finds_shared_and_batched_calls():
     idx, t = TinyGPT.inputs(5, 5)
     row_loss(model(idx), t).mean().backward()
     (layout,) = eng.layouts.values()
-    assert layout[(model.wpe, 0)] == Shared()
-    assert layout[(model.wte, 0)] == Batched(1)
-    assert layout[(model.ln, 0)] == Batched(1) and layout[(model.head, 0)] == Batched(1)
+    assert layout[(model.wpe, 0)] == (Shared(),)
+    assert layout[(model.wte, 0)] == (Batched(1),)
+    assert layout[(model.ln, 0)] == (Batched(1),) and layout[(model.head, 0)] == (Batched(1),)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,18 +16,20 @@ import torch
 from torch import nn
 
 from fastdp.backends import resolve_backend
+from fastdp.engine.binding import Binding, CallError
 from fastdp.engine.clipping import get_clipping
 from fastdp.engine.contributions import Summed, reducing_with
 from fastdp.engine.flat import Flat
-from fastdp.engine.interface import Contribution, LayerCall, LayerFunction
+from fastdp.engine.interface import Contribution, LayerCall, LayerFunction, unflatten_outputs
 from fastdp.engine.planning import Planner
 from fastdp.engine.precision import full_fp32
 from fastdp.engine.provenance import (
-    Provenance,
+    Batched,
+    CallLayout,
     ProvenanceError,
     Recorder,
     Shared,
-    expand_shared,
+    feed,
     first_batch_tensor,
     probe,
     quiet_model,
@@ -114,7 +116,7 @@ class GradSampleEngine:
         #: the flat buffers' running clipped sums of this logical batch, with the views of them ``summed`` holds
         self._flat_sums: dict[tuple, tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]] = {}
         #: the provenance of every wrapped call, by the model input's signature (fastdp.engine.provenance)
-        self.layouts: dict[tuple, dict[tuple[nn.Module, int], Provenance]] = {}
+        self.layouts: dict[tuple, dict[tuple[nn.Module, int], CallLayout]] = {}
         self._pass: dict[nn.Parameter, list[Contribution]] | None = None
         self._pass_examples = 0
         self._bypass = False
@@ -155,9 +157,9 @@ class GradSampleEngine:
                     "subtree goes through the exact but slow torch.func fallback.",
                     stacklevel=3,
                 )
-                self._wrap(module, rule)
-                return
             self._wrap(module, rule)
+            if rule.covers_children:
+                return
         for name, child in module.named_children():
             self._attach(child, f"{prefix}.{name}" if prefix else name)
 
@@ -165,8 +167,8 @@ class GradSampleEngine:
         rule.check(module)
         engine = self
 
-        def forward(self_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return engine._run(rule, self_module, x)
+        def forward(self_module: nn.Module, *args, **kwargs):
+            return engine._run(rule, self_module, args, kwargs)
 
         module.forward = MethodType(forward, module)
         self._wrapped.append(module)
@@ -274,12 +276,21 @@ class GradSampleEngine:
         with quiet_model(self.model):
             return probe(run, (args, kwargs), examples, self.augmult, self._names)
 
-    def _run(self, rule: Rule, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, rule: Rule, module: nn.Module, args: tuple, kwargs: dict):
+        # frozen layers need no attribution (the probe skips them too); without gradients there is nothing to clip
+        if self._bypass or not rule.params(module) or (self._recorder is None and not torch.is_grad_enabled()):
+            return type(module).forward(module, *args, **kwargs)
+        try:
+            binding = rule.bind(module, args, kwargs)
+        except CallError as e:
+            raise ValueError(f"fastdp: {self._names.get(module) or 'model'} ({type(module).__name__}): {e}") from None
+
+        def original(tensors: list[torch.Tensor]):
+            a, k = binding.arguments(tensors)
+            return type(module).forward(module, *a, **k)
+
         if self._recorder is not None:
-            return self._recorder(module, x, lambda x: type(module).forward(module, x))
-        params = rule.params(module)
-        if self._bypass or not torch.is_grad_enabled() or not params:
-            return type(module).forward(module, x)
+            return self._recorder(module, binding, original, lambda out: rule.out_dims(module, out))
         micro = self._micro
         if micro is None:
             raise ValueError(
@@ -287,11 +298,22 @@ class GradSampleEngine:
                 "enabled outside a forward of the model the optimizer wraps. Call the model itself (model(x)): its "
                 "input tells the engine how many examples the micro-batch holds."
             )
-        x, m = micro.rows_of(module, x, self)
-        call = LayerCall(self, rule, module, strategy="", examples=micro.examples, rows_per_example=m)
-        x = rule.prepare(call, x)
-        call.strategy = self.planner.plan(call, x)
-        return LayerFunction.apply(call, x, *params)
+        tensors, rows, moved = micro.rows_of(module, binding, self)
+        m = next((r for r, data in zip(rows, binding.data, strict=True) if r is not None and data), self.augmult)
+        call = LayerCall(
+            self, rule, module, strategy="", examples=micro.examples, rows_per_example=m, input_rows=tuple(rows),
+            binding=binding,
+        )  # fmt: skip
+        if moved:  # a position-wise layer fed (T, N, ...): run it on (N, T, ...)
+            tensors = [tensors[0].movedim(moved, 0)]
+        try:
+            if len(tensors) == 1:
+                tensors = [rule.prepare(call, tensors[0])]
+            call.strategy = self.planner.plan(call, tensors)
+            out = LayerFunction.apply(call, len(tensors), *tensors, *rule.params(module))
+        except CallError as e:
+            raise ValueError(f"fastdp: {self._names.get(module) or 'model'} ({type(module).__name__}): {e}") from None
+        return out.movedim(0, moved) if moved else unflatten_outputs(call, out)
 
     # ------------------------------------------------------------------ planning (fastdp.engine.planning)
     @property
@@ -417,30 +439,40 @@ class _MicroBatch:
         self.examples, self.layout = examples, layout
         self.count: dict[nn.Module, int] = {}
 
-    def rows_of(self, module: nn.Module, x: torch.Tensor, engine: GradSampleEngine) -> tuple[torch.Tensor, int]:
-        """The layer's input as the engine feeds it (a shared one expanded to N*K rows) and its rows per example."""
+    def rows_of(
+        self, module: nn.Module, binding: Binding, engine: GradSampleEngine
+    ) -> tuple[list[torch.Tensor], list[int | None], int]:
+        """The layer's inputs as the engine feeds them (fastdp.engine.provenance.feed: shared ones expanded to N*K
+        rows when nothing else is batched), each one's rows per example (None: shared and broadcast), and the
+        dimension a position-wise layer's one input holds the batch in when that is not dim 0 (else 0)."""
         index = self.count.get(module, 0)
         self.count[module] = index + 1
         K, name = engine.augmult, engine._names.get(module) or "model"
         if self.layout is None:  # one example owns every row
-            return (x, x.shape[0]) if x.dim() > 0 else (expand_shared(x, K), K)
-        prov = self.layout.get((module, index))
-        if prov is None:
+            pairs = zip(binding.tensors, binding.dims, strict=True)
+            layout = tuple(Batched(t.shape[d]) if t.dim() > d else Shared() for t, d in pairs)
+            return (*feed(layout, binding, K, K), 0)
+        layout = self.layout.get((module, index))
+        if layout is None or len(layout) != len(binding.tensors):
             raise ProvenanceError(
                 f"fastdp: {name} ({type(module).__name__}) was called {index + 1} time(s) in this forward, more than "
-                "when the engine probed the model for this input shape (in eval mode). Make the layer calls "
-                "independent of the data and of train/eval mode."
+                "when the engine probed the model for this input shape (in eval mode), or with other tensor "
+                "arguments. Make the layer calls independent of the data and of train/eval mode."
             )
-        if isinstance(prov, Shared):
-            return expand_shared(x, self.examples * K), K
-        m = prov.rows_per_example
-        if x.dim() == 0 or x.shape[0] != self.examples * m:
-            raise ProvenanceError(
-                f"fastdp: {name} ({type(module).__name__}) got an input of shape {tuple(x.shape)}; for this input "
-                f"shape it had {m} rows per example, {self.examples * m} for the {self.examples} examples of this "
-                "micro-batch. Keep the examples in dim 0 of every layer's input."
-            )
-        return x, m
+        for j, (x, prov, d) in enumerate(zip(binding.tensors, layout, binding.dims, strict=True)):
+            if not isinstance(prov, Batched):
+                continue
+            d = d if prov.dim is None else prov.dim
+            m = prov.rows_per_example
+            if x.dim() <= d or x.shape[d] != self.examples * m:
+                which = f" ({binding.describe(j)})" if len(binding.tensors) > 1 else ""
+                raise ProvenanceError(
+                    f"fastdp: {name} ({type(module).__name__}) got an input{which} of shape {tuple(x.shape)}; for this "
+                    f"input shape it had {m} rows per example in dim {d}, {self.examples * m} for the {self.examples} "
+                    "examples of this micro-batch. Keep the examples in the batch dimension of every layer's input."
+                )
+        moved = next((p.dim for p in layout if isinstance(p, Batched) and p.dim), 0)
+        return (*feed(layout, binding, self.examples * K, K), moved)
 
 
 def _count_nonfinite(norms: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fastdp.engine.precision import full_fp32
 
@@ -105,9 +106,9 @@ class LayerRule(Protocol):
 
     norm_reads_forward: bool
 
-    def compute(self, call: LayerCall, x: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor]]: ...
+    def compute(self, call: LayerCall, *inputs: torch.Tensor) -> tuple[Any, Sequence[torch.Tensor]]: ...
 
-    def grad_input(self, call: LayerCall, saved: Sequence[torch.Tensor], grad_out: torch.Tensor) -> torch.Tensor: ...
+    def grad_input(self, call: LayerCall, saved: Sequence[torch.Tensor], grad_out: Any) -> Any: ...
 
 
 @dataclass(eq=False)
@@ -124,25 +125,58 @@ class LayerCall:
     examples: int = 1
     #: m, the consecutive rows of the layer's input that belong to each example (K, or K*T for flattened tokens)
     rows_per_example: int = 1
+    #: a layer with several tensor inputs: each one's rows per example in its batch dimension (None: shared, the
+    #: layer broadcasts it over the batch) and the call's Binding (fastdp.engine.binding), which rebuilds the call
+    input_rows: tuple[int | None, ...] = ()
+    binding: Any = None
 
 
 class LayerFunction(torch.autograd.Function):
     """Autograd node of a wrapped layer: parameters are inputs (so the output requires grad even when the
-    data does not), but their gradient slots return None, so autograd never computes or accumulates them."""
+    data does not), but their gradient slots return None, so autograd never computes or accumulates them.
+
+    ``apply(call, n, *inputs, *params)``: the first ``n`` tensors after ``n`` are the layer's inputs. A rule's output
+    is one tensor or any tuple/list/dict nesting of them (with non-tensor leaves such as None): the node returns its
+    tensor leaves and leaves the structure in ``call.info["outputs"]`` for ``unflatten_outputs``. The rule's
+    backward then gets the gradient of the one output, or a tuple with one per tensor leaf, and returns the input
+    gradient, or a tuple with one per input (None where there is none).
+    """
 
     @staticmethod
-    def forward(ctx, call: LayerCall, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, call: LayerCall, n: int, *tensors: torch.Tensor):  # noqa: D102
         with full_fp32() if call.rule.norm_reads_forward else nullcontext():
-            out, saved = call.rule.compute(call, x)
-        ctx.call = call
+            out, saved = call.rule.compute(call, *tensors[:n])
+        ctx.call, ctx.n = call, n
         ctx.save_for_backward(*saved)
-        return out
+        if isinstance(out, torch.Tensor):
+            ctx.single = True
+            return out
+        ctx.single = False
+        leaves, spec = tree_flatten(out)
+        slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        call.info["outputs"] = ([None if i in slots else t for i, t in enumerate(leaves)], spec, slots)
+        return tuple(leaves[i] for i in slots)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):  # noqa: D102
+    def backward(ctx, *grads: torch.Tensor):  # noqa: D102
         call: LayerCall = ctx.call
         saved = ctx.saved_tensors
-        grad_x = call.rule.grad_input(call, saved, grad_out) if ctx.needs_input_grad[1] else None
+        grad_out = grads[0] if ctx.single else grads
+        n = ctx.n
+        grad_in = call.rule.grad_input(call, saved, grad_out) if any(ctx.needs_input_grad[2 : 2 + n]) else None
+        if not isinstance(grad_in, tuple | list):
+            grad_in = (grad_in,) + (None,) * (n - 1)
         call.engine.record(call, saved, grad_out)
-        return (None, grad_x) + (None,) * (len(ctx.needs_input_grad) - 2)
+        return (None, None, *grad_in) + (None,) * (len(ctx.needs_input_grad) - 2 - n)
+
+
+def unflatten_outputs(call: LayerCall, out: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
+    """The rule's output structure around what ``LayerFunction.apply`` returned."""
+    if isinstance(out, torch.Tensor):
+        return out
+    leaves, spec, slots = call.info["outputs"]
+    leaves = list(leaves)
+    for i, t in zip(slots, out, strict=True):
+        leaves[i] = t
+    return tree_unflatten(leaves, spec)

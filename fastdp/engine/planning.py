@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from fastdp.engine.contributions import reducing_with
 from fastdp.engine.interface import Cost, LayerCall, LayerKernels, Reducer
@@ -54,23 +56,28 @@ class Planner:
         self.plans: dict[nn.Module, tuple[PlanKey, str]] = {}
         self.costs: dict[nn.Module, dict[str, Cost]] = {}
 
-    def plan(self, call: LayerCall, x: torch.Tensor) -> str:
-        """The strategy ``call``'s layer runs on input ``x`` (planned on the first call with this key)."""
+    def plan(self, call: LayerCall, inputs: Sequence[torch.Tensor]) -> str:
+        """The strategy ``call``'s layer runs on ``inputs`` (planned on the first call with this key)."""
         rule, module, m = call.rule, call.module, call.rows_per_example
-        key = (tuple(x.shape[1:]), x.dtype, m)
+        x = inputs[0]
+        if len(inputs) == 1:
+            key = (tuple(x.shape[1:]), x.dtype, m)
+        else:  # every input's shape without its batch dimension (fastdp.engine.binding)
+            dims = call.binding.dims
+            key = (tuple(t.shape[:d] + t.shape[d + 1 :] for t, d in zip(inputs, dims, strict=True)), x.dtype, m)
         cached = self.plans.get(module)
         if cached is not None and cached[0] == key:
             return cached[1]
-        candidates = rule.strategies(module, x, m, self.kernels)
+        candidates = rule.strategies(module, x if len(inputs) == 1 else tuple(inputs), m, self.kernels)
         unknown = set(candidates) - rule.strategy_names
         if unknown:
             raise RuntimeError(f"fastdp: {type(rule).__name__} offered {sorted(unknown)}, not in its strategy_names")
         if self.strategy is not None and self.strategy in candidates:
             choice = self.strategy
         else:
-            fits = {k: c for k, c in candidates.items() if c.memory <= self._allowance(module, x)}
+            fits = {k: c for k, c in candidates.items() if c.memory <= self._allowance(module, inputs)}
             if len(fits) > 1 and self.autotune:
-                times = self._time(call, x, shortlist(fits))
+                times = self._time(call, inputs, shortlist(fits))
                 if times:
                     choice = min(times, key=times.get)
                 else:  # only fused strategies fit, and each failed here: the torch one holding the least
@@ -84,7 +91,7 @@ class Planner:
         self.plans[module] = (key, choice)
         return choice
 
-    def _allowance(self, module: nn.Module, x: torch.Tensor) -> float:
+    def _allowance(self, module: nn.Module, inputs: Sequence[torch.Tensor]) -> float:
         """Bytes this layer's plan may hold for the clip step.
 
         "auto": twice the layer's own input. Holding a layer's input and output grad (book-keeping) or
@@ -94,7 +101,7 @@ class Planner:
         greedily in forward order; None is no limit.
         """
         if self.memory_budget == "auto":
-            return 2.0 * x.numel() * x.element_size()
+            return 2.0 * sum(x.numel() * x.element_size() for x in inputs)
         if self.memory_budget is None:
             return float("inf")
         # plans restored from a state_dict carry no cost; they were within budget when first made
@@ -103,7 +110,9 @@ class Planner:
         )
         return self.memory_budget - used
 
-    def _time(self, planned: LayerCall, x: torch.Tensor, strategies: list[str], rounds: int = 4) -> dict[str, float]:
+    def _time(
+        self, planned: LayerCall, inputs: Sequence[torch.Tensor], strategies: list[str], rounds: int = 4
+    ) -> dict[str, float]:
         """Seconds of each strategy's backward-side work (norm and clipped sum) on this input.
 
         The candidates take turns (one warm-up round, then ``rounds`` timed ones, best kept): a drift of the
@@ -113,7 +122,7 @@ class Planner:
         calls = {
             k: LayerCall(
                 self.owner, rule, planned.module, strategy=k, info=dict(planned.info), examples=planned.examples,
-                rows_per_example=planned.rows_per_example,
+                rows_per_example=planned.rows_per_example, input_rows=planned.input_rows, binding=planned.binding,
             )
             for k in strategies
         }  # fmt: skip
@@ -124,17 +133,17 @@ class Planner:
             grad_out = None
             for r in range(rounds + 1):
                 for k, call in list(calls.items()):
-                    out, saved = rule.compute(call, x)
+                    out, saved = rule.compute(call, *inputs)
                     if grad_out is None:
-                        grad_out = torch.randn_like(out)
-                    _synchronize(x.device)
+                        grad_out = _random_like(out)
+                    _synchronize(inputs[0].device)
                     start = time.perf_counter()
                     try:
                         merged = [c for _, c in rule.contributions(call, saved, grad_out, call.rows_per_example)]
                         sq = sum(c.sq_norm() for c in merged)
                         for c in merged:
                             c.weighted_sum(torch.ones_like(sq))
-                        _synchronize(x.device)
+                        _synchronize(inputs[0].device)
                     except Exception as e:  # noqa: BLE001 - a kernel that does not build or run here
                         if not k.startswith("fused_"):
                             raise
@@ -174,6 +183,13 @@ def shortlist(fits: dict[str, Cost]) -> list[str]:
     if plain and not set(plain) & set(out):
         out.append(min(plain, key=lambda k: fits[k].time))
     return out
+
+
+def _random_like(out: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A random output gradient: one tensor for one output, else one per tensor leaf (fastdp.engine.interface)."""
+    if isinstance(out, torch.Tensor):
+        return torch.randn_like(out)
+    return tuple(torch.randn_like(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
 
 
 def _synchronize(device: torch.device) -> None:

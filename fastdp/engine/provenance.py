@@ -28,6 +28,11 @@ An input that is identical for every example under both changes (rows that are c
 tell: a fifth kind of forward adds a perturbation to example 0's rows of that call's output and checks that no other
 example's model output moves.
 
+A layer may take several tensors (fastdp.engine.binding): each is classified on its own, in the dimension its rule
+says holds the batch (dim 1 for ``nn.LSTM(batch_first=False)``), so a call's provenance is one entry per tensor. A
+mask without a batch dimension is shared and broadcast by the layer; only a call none of whose inputs is batched has
+its data inputs expanded (its output would otherwise carry no batch dimension).
+
 With one example (N = 1) every row belongs to it, so every call is exact with m = all of its rows; no probe is needed.
 The probe restores the RNG states, the modules' training flags and every buffer, so it changes nothing a run computes.
 Its cost is a few forwards without gradients per new input signature (shapes apart from the batch size).
@@ -42,7 +47,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from fastdp.engine.binding import Binding
 
 #: relative tolerance of "unchanged" between probe forwards: the same rows through the same kernels, so only a
 #: kernel whose reduction order depends on a row's position could differ, by a few ulp
@@ -51,9 +58,11 @@ _RTOL = 1e-5
 
 @dataclass(frozen=True)
 class Batched:
-    """The input holds ``rows_per_example`` consecutive rows of every example (example-major)."""
+    """The input holds ``rows_per_example`` consecutive rows of every example (example-major) in its batch dimension,
+    or in dimension ``dim`` when that is another (a position-wise layer fed a sequence-first tensor)."""
 
     rows_per_example: int
+    dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,8 @@ class Shared:
 Provenance = Batched | Shared
 #: a wrapped call of one forward: the module and how many times it was called before in that forward
 CallKey = tuple[nn.Module, int]
+#: the provenance of each tensor input of one call, in call order (fastdp.engine.binding)
+CallLayout = tuple[Provenance, ...]
 
 
 class ProvenanceError(ValueError):
@@ -99,39 +110,90 @@ def signature(args: Any, rows: int) -> tuple:
 
 
 class Recorder:
-    """What the wrapped forwards do during a probe forward: note each call's input, optionally expand shared inputs
-    (``layout``) and perturb one call's output rows (``perturb``)."""
+    """What the wrapped forwards do during a probe forward: note each call's tensor inputs (batch dimension first),
+    optionally feed shared inputs expanded as the engine will (``layout``) and perturb one call's output rows
+    (``perturb``: its key)."""
 
     def __init__(
-        self, examples: int, rows: int, layout: dict[CallKey, Provenance] | None = None, perturb: tuple | None = None
+        self, examples: int, rows: int, layout: dict[CallKey, CallLayout] | None = None, perturb: CallKey | None = None
     ) -> None:
         self.examples, self.rows, self.layout, self.perturb = examples, rows, layout, perturb
-        self.calls: list[tuple[CallKey, torch.Tensor]] = []
+        self.calls: list[tuple[CallKey, list[torch.Tensor], list[str]]] = []
+        self.positionwise: dict[CallKey, bool] = {}
+        self.data: dict[CallKey, list[bool]] = {}
         self._count: dict[nn.Module, int] = {}
 
-    def __call__(self, module: nn.Module, x: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor]):
+    def __call__(
+        self,
+        module: nn.Module,
+        binding: Binding,
+        forward: Callable[[list[torch.Tensor]], Any],
+        out_dims: Callable[[list[torch.Tensor]], list[int]],
+    ) -> Any:
         key = (module, self._count.get(module, 0))
         self._count[module] = key[1] + 1
-        self.calls.append((key, x.detach().clone()))
-        if self.layout is not None and isinstance(self.layout.get(key), Shared):
-            x = expand_shared(x, self.rows)
-        out = forward(x)
-        if self.perturb is not None and self.perturb[0] == key and isinstance(out, torch.Tensor):
-            m = self.perturb[1]
-            out = out.clone()
-            out[:m] += 1.0 + out[:m].abs()  # moves every entry of example 0's rows
+        inputs = [_batch_first(t, d) for t, d in zip(binding.tensors, binding.dims, strict=True)]
+        self.calls.append((key, inputs, binding.names))
+        self.positionwise[key] = binding.positionwise
+        self.data[key] = binding.data
+        tensors = binding.tensors
+        if self.layout is not None and key in self.layout:
+            tensors, _ = feed(self.layout[key], binding, self.rows, self.rows // self.examples)
+        out = forward(tensors)
+        if self.perturb == key:
+            leaves, spec = tree_flatten(out)
+            slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            for i, d in zip(slots, out_dims([leaves[i] for i in slots]), strict=True):
+                t = leaves[i].clone()
+                if t.dim() > d and t.shape[d] % self.examples == 0:
+                    rows = t.narrow(d, 0, t.shape[d] // self.examples)
+                    rows += 1.0 + rows.abs()  # moves every entry of example 0's rows
+                leaves[i] = t
+            out = tree_unflatten(leaves, spec)
         return out
 
 
-def expand_shared(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """A shared input as ``rows`` identical rows (a stride-0 view: no copy)."""
-    return x.unsqueeze(0).expand(rows, *x.shape)
+def _batch_first(t: torch.Tensor, d: int) -> torch.Tensor:
+    t = t.detach()
+    return (t.movedim(d, 0) if t.dim() > d else t).clone()
+
+
+def feed(layout: CallLayout, binding: Binding, rows: int, augmult: int) -> tuple[list[torch.Tensor], list[int | None]]:
+    """The tensors a call's layer runs on, and each one's rows per example (None: shared, broadcast over the batch).
+
+    When no input is batched the output would have no batch dimension and autograd would sum the examples' output
+    gradients before the layer sees them: the data inputs are then expanded to ``rows`` identical rows (a stride-0
+    view, no copy) in their batch dimension, ``augmult`` per example. Otherwise shared inputs stay as they are and
+    the layer broadcasts them (its rule forms each example's gradient from its own output rows).
+    """
+    expand = not any(isinstance(p, Batched) for p in layout)
+    tensors, per_example = [], []
+    for t, p, d, data in zip(binding.tensors, layout, binding.dims, binding.data, strict=True):
+        if isinstance(p, Batched):
+            tensors.append(t)
+            per_example.append(p.rows_per_example)
+        elif expand and data:
+            tensors.append(expand_shared(t, rows, d))
+            per_example.append(augmult)
+        else:
+            tensors.append(t)
+            per_example.append(None)
+    return tensors, per_example
+
+
+def expand_shared(x: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+    """A shared input as ``rows`` identical rows in dimension ``dim`` (a stride-0 view: no copy)."""
+    x = x.unsqueeze(dim)
+    shape = list(x.shape)
+    shape[dim] = rows
+    return x.expand(shape)
 
 
 def probe(
     run: Callable[[Any, Recorder], Any], args: Any, examples: int, augmult: int, names: dict[nn.Module, str]
-) -> dict[CallKey, Provenance]:
-    """The provenance of every wrapped call of the forward ``run(args, recorder)`` (see the module docstring).
+) -> dict[CallKey, CallLayout]:
+    """The provenance of the tensor inputs of every wrapped call of the forward ``run(args, recorder)`` (see the
+    module docstring).
 
     Args:
         run: runs the model's forward on ``args`` with the wrapped layers reporting to ``recorder``.
@@ -159,48 +221,58 @@ def probe(
     for kind, a in (("A", args), ("R", changed(rolled)), ("D", changed(duplicated))):
         recs[kind] = Recorder(examples, rows)
         outs[kind] = run(a, recs[kind])
-    keys = [k for k, _ in recs["A"].calls]
+    keys = [k for k, _, _ in recs["A"].calls]
     for kind in ("R", "D"):
-        if [k for k, _ in recs[kind].calls] != keys:
+        if [k for k, _, _ in recs[kind].calls] != keys:
             raise ProvenanceError(
                 "fastdp: the model called its layers in a different order when the examples of the micro-batch were "
                 "reordered (data-dependent control flow), so the engine cannot tell which rows of each layer belong to "
                 "which example. Make the sequence of layer calls independent of the data."
             )
-    layout: dict[CallKey, Provenance] = {}
+    layout: dict[CallKey, CallLayout] = {}
     ambiguous = []
-    for (key, xa), (_, xr), (_, xd) in zip(recs["A"].calls, recs["R"].calls, recs["D"].calls, strict=True):
-        n = xa.shape[0] if xa.dim() > 0 else 0
-        m = n // examples if n and n % examples == 0 else 0
-        equivariant = m > 0 and _close(xr, xa.roll(m, 0)) and _close(xd, _copy_block(xa, m))
-        invariant = _close(xr, xa) and _close(xd, xa)
-        if equivariant and invariant:
-            ambiguous.append((key, m))
-            layout[key] = Batched(m)
-        elif equivariant:
-            layout[key] = Batched(m)
-        elif invariant:
-            layout[key] = Shared()
-        else:
-            raise ProvenanceError(
-                f"fastdp: {_describe(key, names)} gets an input of shape {tuple(xa.shape)} whose rows cannot be "
-                f"attributed to the {examples} examples of the micro-batch (model input: {rows} rows, {augmult} per "
-                "example): changing one example moved rows of others, or moved rows that are not example-major. Per-"
-                "example gradients do not exist for it: keep each example's rows together and separate from the "
-                "others (no statistics over the batch, no reordering of rows across examples)."
-            )
-    for key, m in ambiguous:
+    positionwise = recs["A"].positionwise
+    for (key, xas, labels), (_, xrs, _), (_, xds, _) in zip(recs["A"].calls, recs["R"].calls, recs["D"].calls,
+                                                            strict=True):  # fmt: skip
+        entry = []
+        for j, (xa, xr, xd) in enumerate(zip(xas, xrs, xds, strict=True)):
+            m = _rows_per_example(xa, xr, xd, examples)
+            invariant = _close(xr, xa) and _close(xd, xa)
+            if m and invariant and not recs["A"].data[key][j]:
+                entry.append(Shared())  # a mask the same for every example: the layer uses it as given, whole
+            elif m and invariant:
+                ambiguous.append((key, j, m))
+                entry.append(Batched(m))
+            elif m:
+                entry.append(Batched(m))
+            elif invariant:
+                entry.append(Shared())
+            elif positionwise[key] and xa.dim() >= 3 and (m := _rows_per_example(*_seq_first(xa, xr, xd), examples)):
+                entry.append(Batched(m, dim=1))  # sequence-first: (T, N, ...) into a layer that acts per position
+            else:
+                raise ProvenanceError(
+                    f"fastdp: {_describe(key, names)} gets an input{_which(labels, j)} of shape {tuple(xa.shape)} "
+                    f"whose rows cannot be attributed to the {examples} examples of the "
+                    f"micro-batch (model input: {rows} rows, {augmult} per example): changing one example moved rows "
+                    "of others, or moved rows that are not example-major. Per-example gradients do not exist for it: "
+                    "keep each example's rows together and separate from the others (no statistics over the batch, no "
+                    "reordering of rows across examples)."
+                )
+        layout[key] = tuple(entry)
+    for key in dict.fromkeys(k for k, _, _ in ambiguous):
         # the same input for every example: batched (a per-example copy) if each copy only reaches its own example
-        rec = Recorder(examples, rows, perturb=(key, m))
+        rec = Recorder(examples, rows, perturb=key)
         if not _only_example_zero_moved(outs["A"], run(args, rec), examples):
-            shape = tuple(recs["A"].calls[keys.index(key)][1].shape)
+            j, m = next((j, m) for k, j, m in ambiguous if k == key)
+            _, xas, labels = recs["A"].calls[keys.index(key)]
             raise ProvenanceError(
-                f"fastdp: {_describe(key, names)} gets an input of shape {shape} with {examples} identical blocks of "
-                "rows (the same for every example), and its output rows reach other examples than their own: the "
-                "engine cannot tell whose gradient each row carries. Feed it a tensor without a batch dimension (e.g. "
-                "torch.arange(t), shared by all examples), or rows that belong to one example each."
+                f"fastdp: {_describe(key, names)} gets an input{_which(labels, j)} of shape {tuple(xas[j].shape)} "
+                f"with {examples} identical blocks of rows (the same for every example), and its output rows reach "
+                "other examples than their own: the engine cannot tell whose gradient each row carries. Feed it a "
+                "tensor without a batch dimension (e.g. torch.arange(t), shared by all examples), or rows that belong "
+                "to one example each."
             )
-    shared = [key for key, p in layout.items() if isinstance(p, Shared)]
+    shared = [key for key, entry in layout.items() if entry and not any(isinstance(p, Batched) for p in entry)]
     if shared:
         try:
             same, failure = _same_output(outs["A"], run(args, Recorder(examples, rows, layout=layout))), None
@@ -216,6 +288,21 @@ def probe(
                 + (f" (With the copies the forward failed: {type(failure).__name__}: {failure}.)" if failure else "")
             ) from failure
     return layout
+
+
+def _rows_per_example(xa: torch.Tensor, xr: torch.Tensor, xd: torch.Tensor, examples: int) -> int:
+    """m when the rows of dim 0 are example-major blocks of m that move with the examples (0 when they are not)."""
+    n = xa.shape[0] if xa.dim() > 0 else 0
+    m = n // examples if n and n % examples == 0 else 0
+    return m if m and _close(xr, xa.roll(m, 0)) and _close(xd, _copy_block(xa, m)) else 0
+
+
+def _seq_first(*views: torch.Tensor) -> list[torch.Tensor]:
+    return [t.movedim(1, 0) for t in views]
+
+
+def _which(labels: list[str], j: int) -> str:
+    return f" (argument {labels[j]!r})" if len(labels) > 1 else ""
 
 
 def _describe(key: CallKey, names: dict[nn.Module, str]) -> str:
@@ -274,8 +361,15 @@ def _only_example_zero_moved(a: Any, b: Any, examples: int) -> bool:
 
 @contextmanager
 def quiet_model(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no gradients, and the RNG states, training flags and buffers restored afterwards."""
+    """Eval mode, no gradients, and the RNG states, training flags and buffers restored afterwards.
+
+    torch's fused transformer kernels (``nn.TransformerEncoderLayer``'s fast path) are off meanwhile: they run in eval
+    mode without gradients and bypass the submodules' forwards, so the probe would not see the calls that training
+    makes.
+    """
     training = {m: m.training for m in model.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -284,6 +378,7 @@ def quiet_model(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, flag in training.items():
             m.training = flag
         with torch.no_grad():

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastdp.engine.binding import Binding, CallError, one_tensor
 from fastdp.engine.interface import Contribution, Cost, LayerCall, LayerFunction, LayerKernels
 
 __all__ = [
-    "Cost", "LayerCall", "LayerFunction", "Rule", "Strategies", "Strategy", "compute_dtype", "known_strategies",
-    "register_rule", "rule_for", "trainable",
+    "CallError", "Cost", "LayerCall", "LayerFunction", "Rule", "Strategies", "Strategy", "compute_dtype",
+    "known_strategies", "register_rule", "rule_for", "trainable",
 ]  # fmt: skip
 
 
@@ -71,6 +72,21 @@ class Rule:
     norm_reads_forward: bool = False
     #: every strategy ``strategies`` may offer (what ``strategy=`` is checked against)
     strategy_names: frozenset[str] = frozenset({"keep"})
+    #: whether the rule computes the module's whole subtree (the children's parameters included in ``params``), so
+    #: that the engine wraps none of its children
+    covers_children: bool = False
+    #: whether the layer acts on each position of its input alone, so that a sequence-first input (T, N, ...) can be
+    #: run batch first (fastdp.engine.binding.Binding.positionwise)
+    positionwise: bool = False
+
+    def bind(self, module: nn.Module, args: tuple, kwargs: dict) -> Binding:
+        """Take a call apart (fastdp.engine.binding): the default rule takes exactly one tensor, its batch in dim 0.
+        Raise ``CallError`` (what is wrong and what to do) for a call the rule cannot handle exactly."""
+        return one_tensor(module, args, kwargs, self.positionwise)
+
+    def out_dims(self, module: nn.Module, outputs: Sequence[torch.Tensor]) -> list[int]:
+        """The batch dimension of each tensor output (in the order of the output's tensor leaves)."""
+        return [0] * len(outputs)
 
     def check(self, module: nn.Module) -> None:
         """Raise a clear error if this module's configuration is not supported."""
@@ -80,14 +96,14 @@ class Rule:
         return [p for p in module.parameters(recurse=False) if p.requires_grad]
 
     def prepare(self, call: LayerCall, x: torch.Tensor) -> torch.Tensor:
-        """Parameter-free preprocessing done under ordinary autograd (padding, normalisation)."""
+        """Parameter-free preprocessing done under ordinary autograd (padding, normalisation); rules with one input."""
         return x
 
     def strategies(
         self, module: nn.Module, x: torch.Tensor, augmult: int, kernels: LayerKernels | None = None
     ) -> dict[str, Cost]:
-        """Plan candidates for this input (``fused_*`` ones where the backend's ``kernels`` take it); the default
-        rule has one."""
+        """Plan candidates for this input (a tuple of them for a rule with several; ``fused_*`` ones where the
+        backend's ``kernels`` take it); the default rule has one."""
         return {"keep": Cost(0.0, 0.0)}
 
     def compute(self, call: LayerCall, x: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
@@ -104,11 +120,13 @@ class Rule:
         raise NotImplementedError
 
 
-_RULES: dict[type[nn.Module], Rule] = {}
+_RULES: dict[type[nn.Module] | str, Rule] = {}
 
 
-def register_rule(*module_types: type[nn.Module]) -> Callable[[type[Rule]], type[Rule]]:
-    """Class decorator: ``@register_rule(nn.Conv2d)`` makes the rule handle that exact module type."""
+def register_rule(*module_types: type[nn.Module] | str) -> Callable[[type[Rule]], type[Rule]]:
+    """Class decorator: ``@register_rule(nn.Conv2d)`` makes the rule handle that exact module type. A type given by
+    its qualified name (``"transformers.pytorch_utils.Conv1D"``) is matched by name, so that a rule for an optional
+    dependency's module neither imports it nor needs it installed."""
 
     def deco(cls: type[Rule]) -> type[Rule]:
         rule = cls()
@@ -124,13 +142,18 @@ def known_strategies() -> frozenset[str]:
     return frozenset().union(Rule.strategy_names, *(r.strategy_names for r in _RULES.values()))
 
 
+def _registered(t: type) -> Rule | None:
+    return _RULES.get(t) or _RULES.get(f"{t.__module__}.{t.__qualname__}")
+
+
 def rule_for(module: nn.Module) -> Rule | None:
     """The rule for this module: its exact type, or a registered base whose behaviour it does not override."""
     t = type(module)
-    if t in _RULES:
-        return _RULES[t]
+    rule = _registered(t)
+    if rule is not None:
+        return rule
     for base in t.__mro__[1:]:
-        rule = _RULES.get(base)
+        rule = _registered(base)
         if rule is not None:
             same = all(getattr(t, m, None) is getattr(base, m, None) for m in rule.frozen_methods)
             return rule if same else None

@@ -124,6 +124,19 @@ class LinearShape:
         )
 
 
+def linear_shape(
+    B: int, Tk: int, d: int, p: int, rows: int, x: torch.Tensor, acc: torch.dtype, kernels: LayerKernels | None
+) -> LinearShape:
+    """The summary of a GEMM of ``rows`` rows, d -> p features (B examples of Tk rows) the strategies are offered and
+    costed on; the fused ones where the backend's ``kernels`` take ``x`` with accumulation dtype ``acc``."""
+    takes = kernels is not None and kernels.takes(x, acc)
+    return LinearShape(
+        B=B, Tk=Tk, d=d, p=p, rows=rows,
+        norm_kernel=takes and kernels.linear_norm is not None,
+        ghost_kernel=takes and kernels.linear_ghost_norm is not None,
+    )  # fmt: skip
+
+
 def _fused_keep(call: LayerCall, a: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> Contribution:
     # G_i in the accumulation dtype whatever the operands' (16-bit under autocast): the norm is that of what is kept
     g = a.new_empty(a.shape[0], d.shape[2], a.shape[2], dtype=accum_dtype(dtype))
@@ -186,6 +199,7 @@ FUSED = frozenset({"fused_keep", "fused_bk", "fused_ghost"})
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     strategy_names = LINEAR_STRATEGIES.names
+    positionwise = True
 
     def check(self, module: nn.Linear) -> None:
         pass
@@ -196,12 +210,7 @@ class LinearRule(Rule):
         d, p = module.in_features, module.out_features
         N = x.shape[0]
         T = x[0].numel() // d if N else 1
-        takes = kernels is not None and kernels.takes(x, accum_dtype(module.weight.dtype))
-        shape = LinearShape(
-            B=N // augmult, Tk=T * augmult, d=d, p=p, rows=N * T,
-            norm_kernel=takes and kernels.linear_norm is not None,
-            ghost_kernel=takes and kernels.linear_ghost_norm is not None,
-        )  # fmt: skip
+        shape = linear_shape(N // augmult, T * augmult, d, p, N * T, x, accum_dtype(module.weight.dtype), kernels)
         return LINEAR_STRATEGIES.offer(shape)
 
     def compute(self, call: LayerCall, x: torch.Tensor):

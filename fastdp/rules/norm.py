@@ -1,4 +1,4 @@
-"""GroupNorm / LayerNorm affine parameters.
+"""GroupNorm / LayerNorm / RMSNorm affine parameters.
 
 The layer runs as one node that saves exactly what torch's own backward saves (input, mean, rstd), so DP
 costs no extra activation memory. Per-example gradients are tiny (B x C) and always kept:
@@ -6,6 +6,10 @@ costs no extra activation memory. Per-example gradients are tiny (B x C) and alw
     GroupNorm: dw_i[c] = rstd_i[g(c)] * sum_t delta * (x - mean_i[g(c)]),   db_i[c] = sum_t delta
                (channels viewed as (groups, C / groups): mean and rstd broadcast over a group's channels)
     LayerNorm: dw_i = sum over the non-normalised dims of delta * x_hat,                db_i = sum of delta
+    RMSNorm:   dw_i = sum over the non-normalised dims of delta * x_hat, x_hat = x * r, r = (mean(x^2) + eps)^-1/2
+               (mean over the normalised dims; eps=None is the dtype's machine epsilon, as in torch)
+
+RMSNorm's input gradient, from dr/dx_j = -r^3 x_j / n with g = delta * w: dx = r * (g - x_hat * mean(g * x_hat)).
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ class GroupNormRule(Rule):
 
 @register_rule(nn.LayerNorm)
 class LayerNormRule(Rule):
+    positionwise = True
+
     def compute(self, call: LayerCall, x: torch.Tensor):
         m = call.module
         shape = tuple(m.normalized_shape)
@@ -107,5 +113,43 @@ class LayerNormRule(Rule):
                 rows = per_row(d * ((x.to(acc) - mean.to(acc)) * rstd.to(acc)))
             else:
                 rows = per_row(d)
+            out.append((p, Kept(views_summed(rows.reshape(-1, *p.shape), augmult).to(p.dtype))))
+        return out
+
+
+@register_rule(nn.RMSNorm)
+class RMSNormRule(Rule):
+    positionwise = True
+
+    def compute(self, call: LayerCall, x: torch.Tensor):
+        m = call.module
+        dims = tuple(range(-len(m.normalized_shape), 0))
+        if x.dim() <= len(dims):
+            raise ValueError(f"fastdp needs a batch dimension: RMSNorm{tuple(m.normalized_shape)} got {tuple(x.shape)}")
+        call.info["in_dtype"] = x.dtype
+        xc = x.to(_norm_dtype(x, m.weight))
+        eps = torch.finfo(xc.dtype).eps if m.eps is None else m.eps
+        r = torch.rsqrt(xc.square().mean(dims, keepdim=True) + eps)
+        x_hat = xc * r
+        return (x_hat if m.weight is None else x_hat * m.weight.to(xc.dtype)), (x_hat, r)
+
+    def grad_input(self, call: LayerCall, saved, grad_out: torch.Tensor) -> torch.Tensor:
+        m = call.module
+        x_hat, r = saved
+        dims = tuple(range(-len(m.normalized_shape), 0))
+        g = grad_out.to(x_hat.dtype)
+        if m.weight is not None:
+            g = g * m.weight.to(x_hat.dtype)
+        return (r * (g - x_hat * (g * x_hat).mean(dims, keepdim=True))).to(call.info["in_dtype"])
+
+    def contributions(self, call: LayerCall, saved, grad_out: torch.Tensor, augmult: int):
+        m = call.module
+        (x_hat, _) = saved
+        acc = accum_dtype(x_hat.dtype)
+        middle = tuple(range(1, x_hat.dim() - len(m.normalized_shape)))
+        out = []
+        for _, p in trainable(m, "weight"):
+            rows = grad_out.to(acc) * x_hat.to(acc)
+            rows = rows.sum(middle) if middle else rows
             out.append((p, Kept(views_summed(rows.reshape(-1, *p.shape), augmult).to(p.dtype))))
         return out
