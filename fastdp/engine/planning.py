@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -130,10 +131,13 @@ class Planner:
                     _synchronize(x.device)
                     start = time.perf_counter()
                     try:
-                        merged = [c for _, c in rule.contributions(call, saved, grad_out, call.rows_per_example)]
-                        sq = sum(c.sq_norm() for c in merged)
-                        for c in merged:
-                            c.weighted_sum(torch.ones_like(sq))
+                        # the plan is made inside the forward, under the user's autocast; the backward that runs the
+                        # strategy is outside it (``loss.backward()`` follows the autocast block)
+                        with _outside_autocast(x.device.type):
+                            merged = [c for _, c in rule.contributions(call, saved, grad_out, call.rows_per_example)]
+                            sq = sum(c.sq_norm() for c in merged)
+                            for c in merged:
+                                c.weighted_sum(torch.ones_like(sq))
                         _synchronize(x.device)
                     except Exception as e:  # noqa: BLE001 - a kernel that does not build or run here
                         if not k.startswith("fused_"):
@@ -174,6 +178,13 @@ def shortlist(fits: dict[str, Cost]) -> list[str]:
     if plain and not set(plain) & set(out):
         out.append(min(plain, key=lambda k: fits[k].time))
     return out
+
+
+def _outside_autocast(device_type: str):
+    """Autocast off for ``device_type`` (a no-op where torch has no autocast for it)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
 
 
 def _synchronize(device: torch.device) -> None:
