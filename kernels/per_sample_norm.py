@@ -200,11 +200,11 @@ def _settings(t: int, p: int, d: int, dtype: torch.dtype, device: torch.device, 
     """Tile sizes: the G tile (BLOCK_P x BLOCK_D) lives in registers across the T loop.
 
     On the GPU 64 x 64 fp32 accumulators at 4 warps (32 registers a thread); bf16/fp16 linear layers take 64 x 128
-    with a T step of 32 for the tensor cores. fp32 "ieee" dots run on the FMA units, where a T step of 16 keeps
-    the operand tiles small. The conv kernel's gathered operand tile needs its own index arithmetic per element,
-    so its d tile stays at 64 (sm_90: ~170-250 registers, no spills at 64 x 64). Small p or d shrink their tile to
-    the next power of two (>= 16, tl.dot's minimum). The interpreter uses the minimum tiles, so small test shapes
-    cross tile boundaries in every dimension.
+    with a T step of 32 for the tensor cores. fp32 "ieee" dots run on the FMA units, where a T step of 16, 8 warps and
+    one stage keep the operand fragments in registers. The conv kernel's gathered operand tile needs its own index
+    arithmetic per element, so its d tile stays at 64 (sm_90: up to ~170 registers, no spills:
+    kernels/_compile_check.py). Small p or d shrink their tile to the next power of two (>= 16, tl.dot's minimum).
+    The interpreter uses the minimum tiles, so small test shapes cross tile boundaries in every dimension.
     """
     if device.type != "cuda":
         return {"BLOCK_T": 16, "BLOCK_P": 16, "BLOCK_D": 16, "num_warps": 1}
@@ -213,8 +213,11 @@ def _settings(t: int, p: int, d: int, dtype: torch.dtype, device: torch.device, 
         "BLOCK_T": 32 if half else 16,
         "BLOCK_P": pow2_at_least(p, 16, 64),
         "BLOCK_D": pow2_at_least(d, 16, 128 if half and not conv else 64),
-        "num_warps": 4,
-        "num_stages": 3 if half else 2,
+        # fp32 "ieee" dots run on the FMA units with both operand fragments in registers: at 4 warps, or with a
+        # second stage of prefetched tiles, the conv kernel writing G_i of 1x1 convs spilled on sm_90 for some of the
+        # presets' signatures (kernels/_compile_check.py); 8 warps and one stage leave them at 64-110 registers
+        "num_warps": 4 if half else 8,
+        "num_stages": 3 if half else 1,
     }
 
 
