@@ -126,9 +126,9 @@ _ext.cuda_compiled(), 'backends', backends.available_backends(), _ext.IMPORT_ERR
 fi
 
 # ---- the targets
-want norms && boxed 80 norms "$PY" bench/gpu_validate.py norms "${DRYARG[@]}"
-want step && boxed 150 step "$PY" bench/gpu_validate.py step "${DRYARG[@]}"
-want noisy && boxed 60 noisy "$PY" bench/gpu_validate.py noisy "${DRYARG[@]}"
+want norms && boxed 80 norms "$PY" bench/gpu_validate.py norms ${DRYARG[@]+"${DRYARG[@]}"}
+want step && boxed 150 step "$PY" bench/gpu_validate.py step ${DRYARG[@]+"${DRYARG[@]}"}
+want noisy && boxed 60 noisy "$PY" bench/gpu_validate.py noisy ${DRYARG[@]+"${DRYARG[@]}"}
 
 # ---- memcheck: compile every kernel first (the Triton cache), then check their accesses; without torch's caching
 # allocator every tensor is its own allocation, so an access past a tensor's end is outside any allocation
