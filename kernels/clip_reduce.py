@@ -283,8 +283,12 @@ def _settings_bookkeeping(
         "BLOCK_P": block_p,
         "BLOCK_D": block_d,
         "split": split,
-        "num_warps": 4,
-        "num_stages": 3 if half else 2,
+        # fp32 "ieee" dots run on the FMA units with both operand fragments in registers: at 4 warps, or with a
+        # second stage of prefetched tiles, the book-keeping kernels spilled on sm_90 for some of the presets'
+        # signatures (NF-ResNet and NFNet heads, SmoothNet convs; kernels/_compile_check.py); 8 warps and one stage
+        # leave them at 64-110 registers
+        "num_warps": 4 if half else 8,
+        "num_stages": 3 if half else 1,
     }
 
 

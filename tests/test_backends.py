@@ -48,3 +48,40 @@ def test_each_backend_lends_what_it_has():
         assert cpp.fused_step(torch.optim.Adam([p]), [p]) is not None
         assert cpp.fused_step(torch.optim.Adam([p], amsgrad=True), [p]) is None  # not a kernel's update
         assert cpp.fused_step(torch.optim.RMSprop([p]), [p]) is None
+
+
+def test_float64_model_takes_the_torch_path_with_one_warning(monkeypatch):
+    """The Triton kernels take fp32/bf16/fp16: a float64 model asked to run on them (here the interpreted backend, as
+    under TRITON_INTERPRET=1) plans only torch strategies, reduces in torch and steps on the torch path, with one
+    warning that the step does, and computes exactly what backend="torch" computes."""
+    import warnings
+
+    from torch import nn
+
+    monkeypatch.setitem(backends._AVAILABLE, "triton", TritonBackend(device_type="cpu", interpreted=True))
+
+    def train(backend: str) -> tuple[list[torch.Tensor], list[str]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+        opt = fastdp.DPSGD(
+            model, lr=0.1, momentum=0.9, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4,
+            backend=backend, seed=7, autotune=False,
+        )  # fmt: skip
+        gen = torch.Generator().manual_seed(1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                x = torch.randn(4, 2, 6, 6, generator=gen, dtype=torch.float64)
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        assert all(choice in ("keep", "ghost", "instantiate_bk", "unfold", "unfold_bk", "shifted_ghost")
+                   for _, choice in opt.engine.plans.values()), opt.engine.plans  # fmt: skip
+        return [p.detach().clone() for p in model.parameters()], [str(w.message) for w in caught]
+
+    expected, quiet = train("torch")
+    got, said = train("triton")
+    assert not quiet
+    assert len(said) == 1 and "torch path" in said[0], said
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)

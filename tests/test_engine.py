@@ -358,3 +358,25 @@ def _run_and_check_precision(monkeypatch, precision):
     assert {what for what, _ in seen} == {"norm", "ws forward", "clipped sum"}
     assert all(flags == full for _, flags in seen), seen
     assert all(getattr(mod, attr) in ("tf32", True) for mod, attr, _ in precision._KNOBS), "restored afterwards"
+
+
+def test_autotuning_times_the_backward_outside_autocast(monkeypatch):
+    """The plan is made inside the forward, under the user's autocast; the strategies it times must run as the backward
+    will, outside it (else a bf16 forward times bf16 per-example gradients that the backward never forms)."""
+    from fastdp.rules.conv import ConvRule
+
+    seen = []
+    contributions = ConvRule.contributions
+
+    def spy(self, call, saved, grad_out, augmult):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return contributions(self, call, saved, grad_out, augmult)
+
+    monkeypatch.setattr(ConvRule, "contributions", spy)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    engine = GradSampleEngine(model, max_grad_norm=1.0, autotune=True, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(torch.randn(4, 2, 4, 4)).float().square().sum()
+    loss.backward()
+    assert len(seen) > 1 and not any(seen), seen  # the timed candidates, then the backward itself
+    engine.detach()

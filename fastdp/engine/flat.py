@@ -6,6 +6,9 @@ per step, more than the non-private step's whole backward, for a negligible amou
 (B, sum P) buffer (one launch, a few KB per example) they cost one norm and one reduction. Exactness is unaffected:
 the squared norm of a concatenation is the sum of its parts' squared norms, and the weighted sum of the buffer's
 columns is, slice by slice, each parameter's weighted sum.
+
+Each part starts at a 16-byte boundary (zero columns pad the one before it): the clipped sums handed to the
+optimizer are views of the buffer's sum, and the fused steps take their vector loads only from aligned pointers.
 """
 
 from __future__ import annotations
@@ -26,8 +29,18 @@ class Flat:
     def __init__(self, parts: dict[nn.Parameter, Kept]) -> None:
         self.params = tuple(parts)
         grads = [c.grads.reshape(c.grads.shape[0], -1) for c in parts.values()]
-        self.sizes = [g.shape[1] for g in grads]
-        self.buffer = torch.cat(grads, dim=1)
+        align = max(1, 16 // grads[0].element_size())
+        pieces, self.spans, at, zeros = [], [], 0, None
+        for g in grads:
+            pieces.append(g)
+            self.spans.append((at, g.shape[1]))
+            at += g.shape[1]
+            pad = -at % align
+            if pad:
+                zeros = g.new_zeros(g.shape[0], align - 1) if zeros is None else zeros  # one for every pad
+                pieces.append(zeros[:, :pad])
+                at += pad
+        self.buffer = torch.cat(pieces, dim=1)
 
     @staticmethod
     def gather(contributions: dict[nn.Parameter, object]) -> list[Flat]:
@@ -48,4 +61,4 @@ class Flat:
 
     def split(self, total: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """Each parameter's slice of a flat sum, as a view shaped like the parameter."""
-        return {p: s.view_as(p) for p, s in zip(self.params, total.split(self.sizes), strict=True)}
+        return {p: total[at : at + n].view_as(p) for p, (at, n) in zip(self.params, self.spans, strict=True)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -139,10 +140,13 @@ class Planner:
                     _synchronize(inputs[0].device)
                     start = time.perf_counter()
                     try:
-                        merged = [c for _, c in rule.contributions(call, saved, grad_out, call.rows_per_example)]
-                        sq = sum(c.sq_norm() for c in merged)
-                        for c in merged:
-                            c.weighted_sum(torch.ones_like(sq))
+                        # the plan is made inside the forward, under the user's autocast; the backward that runs the
+                        # strategy is outside it (``loss.backward()`` follows the autocast block)
+                        with _outside_autocast(inputs[0].device.type):
+                            merged = [c for _, c in rule.contributions(call, saved, grad_out, call.rows_per_example)]
+                            sq = sum(c.sq_norm() for c in merged)
+                            for c in merged:
+                                c.weighted_sum(torch.ones_like(sq))
                         _synchronize(inputs[0].device)
                     except Exception as e:  # noqa: BLE001 - a kernel that does not build or run here
                         if not k.startswith("fused_"):
@@ -190,6 +194,13 @@ def _random_like(out: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
     if isinstance(out, torch.Tensor):
         return torch.randn_like(out)
     return tuple(torch.randn_like(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+
+
+def _outside_autocast(device_type: str):
+    """Autocast off for ``device_type`` (a no-op where torch has no autocast for it)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
 
 
 def _synchronize(device: torch.device) -> None:
