@@ -240,6 +240,16 @@ def test_transformers_match_float64_loop(name, augmult, reduction, sizes):
         torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def test_gpt_positions_expanded_or_shared_are_the_same_function():
+    """The bench's Opacus-compatible GPT (positions copied to every example) computes what the shared positions do."""
+    torch.manual_seed(12)
+    shared = gpt(11, context=8, dim=8, depth=1, heads=2)
+    expanded = gpt(11, context=8, dim=8, depth=1, heads=2, expand_positions=True)
+    expanded.load_state_dict(shared.state_dict())
+    idx = torch.randint(0, 11, (3, 6))
+    torch.testing.assert_close(expanded(idx), shared(idx), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- NF building blocks
 def test_stochastic_depth_is_per_example_and_off_in_eval():
     sd = StochasticDepth(0.5)

@@ -66,6 +66,9 @@ class GPT(nn.Module):
         depth: blocks.
         heads: attention heads (``dim`` must be a multiple).
         tie_embeddings: the output layer reuses the token embedding's weight (GPT-2).
+        expand_positions: feed the position embedding ``arange(t)`` copied to (B, t) instead of the (t,) that every
+            example shares (the same function; Opacus' hooks need a batch dimension there and its ghost clipping a
+            contiguous one; fastdp takes either).
     """
 
     def __init__(
@@ -76,9 +79,10 @@ class GPT(nn.Module):
         depth: int = 4,
         heads: int = 4,
         tie_embeddings: bool = True,
+        expand_positions: bool = False,
     ) -> None:
         super().__init__()
-        self.context = context
+        self.context, self.expand_positions = context, expand_positions
         self.transformer = nn.Module()
         self.transformer.wte = nn.Embedding(vocab_size, dim)
         self.transformer.wpe = nn.Embedding(context, dim)
@@ -98,7 +102,8 @@ class GPT(nn.Module):
         if t > self.context:
             raise ValueError(f"a sequence of {t} tokens is longer than the model's context of {self.context}")
         tr = self.transformer
-        x = tr.wte(idx) + tr.wpe(torch.arange(t, device=idx.device))
+        pos = torch.arange(t, device=idx.device)
+        x = tr.wte(idx) + tr.wpe(pos.expand(idx.shape[0], t).contiguous() if self.expand_positions else pos)
         return self.lm_head(tr.ln_f(tr.h(x)))
 
 
@@ -107,6 +112,6 @@ def gpt(num_classes: int = 256, **kwargs) -> GPT:
 
     Args:
         num_classes: vocabulary size.
-        **kwargs: ``context``, ``dim``, ``depth``, ``heads``, ``tie_embeddings``.
+        **kwargs: ``context``, ``dim``, ``depth``, ``heads``, ``tie_embeddings``, ``expand_positions``.
     """
     return GPT(num_classes, **kwargs)
