@@ -209,3 +209,30 @@ def test_uses_that_cannot_be_split_are_refused_by_name(model, error, match):
     summed, _ = eng.pop()
     for n, p in model.named_parameters():
         torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=1e-6)
+
+
+class MatmulWithActivation(nn.Module):
+    """Own parameters and a child without parameters: nothing to keep on a rule, so the whole module is a leaf for the
+    engine and goes through the torch.func fallback, which takes x @ w (refused above where children have rules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        return self.act(x @ self.w)
+
+
+def test_module_whose_children_have_no_parameters_stays_on_the_fallback():
+    torch.manual_seed(34)
+    model = nn.Sequential(nn.Linear(4, 4), MatmulWithActivation())
+    x, t = torch.randn(5, 4), torch.randn(5, 3)
+    _, ref_norms = reference(model, x, t, max_grad_norm=float("inf"))
+    ref, _ = reference(model, x, t, max_grad_norm=ref_norms.median().item())
+    with pytest.warns(UserWarning, match=r"1 \(MatmulWithActivation\).*torch.func fallback"):
+        eng = GradSampleEngine(model, max_grad_norm=ref_norms.median().item())
+    row_loss(model(x), t).mean().backward()
+    summed, _ = eng.pop()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=1e-6)

@@ -147,7 +147,7 @@ class GradSampleEngine:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if own:
             rule = rule_for(module)
-            if rule is None and next(module.children(), None) is not None:
+            if rule is None and any(p.requires_grad for c in module.children() for p in c.parameters()):
                 self.owned.adopt(module, prefix)  # its children keep their own rules (fastdp.engine.owned_params)
             elif rule is None:
                 rule = fallback_rule

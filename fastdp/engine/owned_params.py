@@ -28,11 +28,16 @@ derived A the per-example gradients of the parameters it comes from are one batc
 point for every example, so this is the chain rule applied per example, exact. A parameter's uses (and a container
 called twice) leave one contribution each; the engine sums them per example before the norm, as for shared weights.
 
+A module whose children hold no trainable parameter is a leaf for the engine: it goes through the torch.func
+fallback as before (nothing to keep on a fast rule, and the fallback also takes uses this module refuses).
+
 Which rows belong to which example is decided by provenance (fastdp.engine.provenance), not by shape: each use's
 output is a call the probe records (its key is the container's ``OwnedParameters`` marker and the use's index in
 the forward). A use whose output moves with the examples is ``Batched(m)``: m rows per example. An expanded
 parameter (``cls_token.expand(B, -1, -1)``) has identical rows for every example; the probe's perturbation
 forward then checks that example 0's rows reach example 0's output only. Anything else is refused by the probe.
+As for the layers' inputs, the examples must stay apart after the use (no statistic over the batch downstream):
+the probe sees such mixing at the next wrapped layer, and the loss must be a sum of per-example terms.
 
 What cannot be split is refused, never clipped wrongly. The leaf behind ``p~`` receives a gradient only through a
 path that bypassed the uses above (``F.linear(x, self.w)``, ``x @ self.w``, the parameter fed to a wrapped layer):
