@@ -236,7 +236,10 @@ def _setup(cfg: TrainConfig, preset: str, resume: dict | None) -> _Run:
     q = cfg.batch_size / n
     planned = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs / q))
 
-    model = build_model(cfg.model, num_classes=train_data.num_classes, in_channels=train_data.image_shape[0])
+    model = build_model(
+        cfg.model, num_classes=train_data.num_classes, image_size=train_data.image_shape[-1],
+        in_channels=train_data.image_shape[0],
+    )  # fmt: skip
     if cfg.checkpoint and resume is None:
         load_timm_checkpoint(model, cfg.checkpoint)
     model.to(device).train()

@@ -99,7 +99,8 @@ class WSNet(nn.Module):
 
 
 class Gain(nn.Module):
-    """A custom module with an elementwise and a 0-dim parameter (no rule: torch.func fallback)."""
+    """A container with its own elementwise and 0-dim parameters (fastdp.engine.owned_params; ``inner`` keeps its
+    rule)."""
 
     def __init__(self, n: int) -> None:
         super().__init__()
@@ -111,8 +112,21 @@ class Gain(nn.Module):
         return self.inner(x * self.g) * self.s + x
 
 
+class Scale(nn.Module):
+    """A leaf module with parameters and no rule: the torch.func fallback."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(1.0 + 0.3 * torch.randn(n))
+        self.b = nn.Parameter(0.1 * torch.randn(n))
+
+    def forward(self, x):
+        return x * self.w + self.b
+
+
 class SharedNet(nn.Module):
-    """Tied weights (embedding = output layer), a module called twice, and a fallback module."""
+    """Tied weights (embedding = output layer), a module called twice, a container with its own parameters and a
+    fallback module."""
 
     vocab = 7
 
@@ -123,11 +137,12 @@ class SharedNet(nn.Module):
         self.gain = Gain(5)
         self.out = nn.Linear(5, self.vocab, bias=False)
         self.out.weight = self.emb.weight
+        self.scale = Scale(self.vocab)
 
     def forward(self, idx):
         h = self.emb(idx).mean(1)
         h = torch.tanh(self.mix(torch.tanh(self.mix(h))))
-        return self.out(self.gain(h))
+        return self.scale(self.out(self.gain(h)))
 
     @staticmethod
     def inputs(n):

@@ -17,13 +17,13 @@ from fastdp.engine import GradSampleEngine
 #: offers a strategy nowhere is not run with it forced: that run would be the planned one (strategy=None) by another
 #: name; test_strategy_table_is_what_the_rules_offer checks those models too.
 STRATEGY_LAYERS = {
-    "keep": {  # every rule, the torch.func fallback (shared.gain) included
+    "keep": {  # every rule, the torch.func fallback (shared.scale) included
         "seq": ["emb", "ln", "fc1", "fc2"],
         "conv1d": ["c1", "c2", "gn", "fc"],
         "conv2d": ["c1", "c2", "c3", "gn", "fc"],
         "conv3d": ["c", "c2", "fc"],
         "ws": ["c1", "c2", "c3", "fc"],
-        "shared": ["emb", "mix", "gain", "out"],
+        "shared": ["emb", "mix", "gain.inner", "out", "scale"],
     },
     # Conv1d and Conv2d (WS ones too) with groups=1; not Conv3d
     "unfold": {"conv1d": ["c1", "c2"], "conv2d": ["c1", "c3"], "ws": ["c1"]},
@@ -35,7 +35,7 @@ STRATEGY_LAYERS = {
         "conv2d": ["c1", "c2", "c3", "fc"],
         "conv3d": ["c", "c2", "fc"],
         "ws": ["c1", "c2", "c3", "fc"],
-        "shared": ["mix", "out"],
+        "shared": ["mix", "gain.inner", "out"],
     },
     # Linear, and Conv1d and Conv2d (WS ones too) with groups=1
     "ghost": {
@@ -44,7 +44,7 @@ STRATEGY_LAYERS = {
         "conv2d": ["c1", "c3", "fc"],
         "conv3d": ["fc"],
         "ws": ["c1", "fc"],
-        "shared": ["mix", "out"],
+        "shared": ["mix", "gain.inner", "out"],
     },
     # convs with stride 1, any dimension and groups
     "shifted_ghost": {"conv1d": ["c2"], "conv2d": ["c1", "c2"], "conv3d": ["c2"], "ws": ["c1", "c3"]},
@@ -98,7 +98,7 @@ def test_strategy_table_is_what_the_rules_offer(name, augmult):
     torch.manual_seed(seed_of(name, augmult))
     model = MODELS[name]()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fallback's warning (shared.gain)
+        warnings.simplefilter("ignore")  # the fallback's warning (shared.scale)
         eng = GradSampleEngine(model, max_grad_norm=1.0, augmult=augmult, autotune=False)
     x, t = MODELS[name].inputs(2 * augmult)
     row_loss(model(x), t).mean().backward()
@@ -196,7 +196,7 @@ def test_nonfinite_example_contributes_zero():
 
 
 def test_fallback_warns_once_and_names_module():
-    with pytest.warns(UserWarning, match=r"gain \(Gain\).*torch.func"):
+    with pytest.warns(UserWarning, match=r"scale \(Scale\).*torch.func"):
         GradSampleEngine(SharedNet(), max_grad_norm=1.0)
 
 

@@ -8,18 +8,20 @@ import warnings
 
 import pytest
 import torch
-from conftest import reduce_rows, reference, row_loss
+from conftest import reduce_rows, reference, row_loss, seed_of, split
 
 from fastdp.engine import GradSampleEngine
 from fastdp.models import (
     MODEL_NAMES,
     build_model,
     digits_cnn,
+    gpt,
     load_timm_checkpoint,
     nf_resnet50,
     nfnet,
     smoothnet_v1,
     to_timm_state_dict,
+    vit,
     wrn,
 )
 from fastdp.models.nfnet import StochasticDepth, TFSamePad2d
@@ -49,6 +51,8 @@ INPUT = {
     "nfnet-f2": (3, 256, 256),
     "nfnet-f3": (3, 320, 320),
     "digits_cnn": (1, 8, 8),
+    "vit-s": (3, 32, 32),
+    "vit-mini": (3, 32, 32),
 }
 
 
@@ -76,6 +80,8 @@ def test_exact_parameter_counts():
     assert _count(wrn(40, 4, 10)) == 8_961_306
     assert _count(smoothnet_v1()) == 3_391_853
     assert _count(digits_cnn(10)) == 4_896 + 513 * 10
+    assert _count(vit(10)) == 21_342_346
+    assert _count(gpt(256)) == 3_257_856
     with torch.device("meta"):
         assert _count(nf_resnet50()) == 25_557_048
         assert _count(nf_resnet50(skipinit=False)) == 25_557_032
@@ -192,6 +198,56 @@ def test_nf_augmult_micro_batches_float32(name):
     # float32 rounds each clipped term (norm <= C) at ~1e-7 relative: ~examples * C * 1e-7 absolute on the sum
     for n in ref:
         torch.testing.assert_close(got[n].double(), ref[n], rtol=2e-5, atol=1e-5 * C, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------- transformers: ViT (own cls_token, pos_embed), GPT
+TRANSFORMERS = {
+    # timm's layout at tiny widths: 2x2 patches of 4x4 and the class token, two blocks of two heads
+    "vit": (lambda: vit(3, in_channels=2, image_size=8, dim=8, depth=2, heads=2), lambda n: torch.randn(n, 2, 8, 8)),
+    # tied input/output embeddings, causal attention, positions shared by every example
+    "gpt": (lambda: gpt(11, context=8, dim=8, depth=2, heads=2), lambda n: torch.randint(0, 11, (n, 6))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
+@pytest.mark.parametrize("augmult", [1, 2])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("sizes", [(4,), (1, 3)])
+def test_transformers_match_float64_loop(name, augmult, reduction, sizes):
+    """Every parameter, the ViT's cls_token and pos_embed and the GPT's tied embedding included, on fast rules (a
+    fallback warning fails the test), one micro-batch or two (one of a single example)."""
+    torch.manual_seed(seed_of(name, augmult, reduction, sizes))
+    build, inputs = TRANSFORMERS[name]
+    model = build().double()
+    with torch.no_grad():
+        for p in model.parameters():  # off the initial values (zero biases, a 1e-6 class token)
+            p.add_(0.3 * torch.randn_like(p))
+    x = inputs(4 * augmult)
+    x = x.double() if x.is_floating_point() else x
+    with torch.no_grad():
+        t = torch.randn_like(model(x))
+    _, ref_norms = reference(model, x, t, max_grad_norm=float("inf"), augmult=augmult)
+    C = ref_norms.median().item()
+    ref, _ = reference(model, x, t, max_grad_norm=C, augmult=augmult)
+    got, norms = run_engine(
+        model, split(x, t, [s * augmult for s in sizes]), max_grad_norm=C, augmult=augmult, reduction=reduction
+    )
+    assert (ref_norms > C).any() and (ref_norms < C).any()
+    torch.testing.assert_close(norms, ref_norms, rtol=1e-10, atol=1e-12)
+    assert set(got) == set(ref), "every trainable parameter gets a clipped sum"
+    for n in ref:
+        assert ref[n].abs().max() > 0, f"{n} has no gradient: the test would not see it"
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_gpt_positions_expanded_or_shared_are_the_same_function():
+    """The bench's Opacus-compatible GPT (positions copied to every example) computes what the shared positions do."""
+    torch.manual_seed(12)
+    shared = gpt(11, context=8, dim=8, depth=1, heads=2)
+    expanded = gpt(11, context=8, dim=8, depth=1, heads=2, expand_positions=True)
+    expanded.load_state_dict(shared.state_dict())
+    idx = torch.randint(0, 11, (3, 6))
+    torch.testing.assert_close(expanded(idx), shared(idx), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- NF building blocks

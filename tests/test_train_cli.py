@@ -65,11 +65,11 @@ def test_the_choices_fastdp_train_checks_are_those_the_library_knows():
     from fastdp.accounting import MECHANISMS
     from fastdp.backends import KNOWN
     from fastdp.data import DATASETS
-    from fastdp.models import MODEL_NAMES
+    from fastdp.models import IMAGE_MODEL_NAMES
     from fastdp.trainer import _OPTIMIZERS
 
     assert set(presets.DATASETS) == set(DATASETS)
-    assert set(presets.MODELS) == set(MODEL_NAMES)
+    assert set(presets.MODELS) == set(IMAGE_MODEL_NAMES)
     assert set(presets.ACCOUNTANTS) == set(MECHANISMS)
     assert set(presets.BACKENDS) == {"auto", *KNOWN}
     assert set(presets.OPTIMIZERS) == set(_OPTIMIZERS)

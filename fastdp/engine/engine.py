@@ -21,6 +21,7 @@ from fastdp.engine.clipping import get_clipping
 from fastdp.engine.contributions import Summed, reducing_with
 from fastdp.engine.flat import Flat
 from fastdp.engine.interface import Contribution, LayerCall, LayerFunction, unflatten_outputs
+from fastdp.engine.owned_params import OwnedParams
 from fastdp.engine.planning import Planner
 from fastdp.engine.precision import full_fp32
 from fastdp.engine.provenance import (
@@ -132,7 +133,10 @@ class GradSampleEngine:
         self._names = {m: n for n, m in model.named_modules()}
         self.params = [p for p in model.parameters() if p.requires_grad]
         _refuse_running_statistics(model)
+        #: containers' own parameters (a ViT's cls_token): split per example where the container uses them
+        self.owned = OwnedParams(self)
         self._attach(model, prefix="")
+        self._hooks += self.owned.guard([m for m in self._wrapped if m not in self.owned.markers])
         for name, p in model.named_parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(_leak_guard(name)))
@@ -150,16 +154,21 @@ class GradSampleEngine:
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if own:
             rule = rule_for(module)
-            if rule is None:
+            if rule is None and any(p.requires_grad for c in module.children() for p in c.parameters()):
+                self.owned.adopt(module, prefix)  # its children keep their own rules (fastdp.engine.owned_params)
+            elif rule is None:
                 rule = fallback_rule
                 warnings.warn(
                     f"fastdp: {prefix or 'model'} ({type(module).__name__}) has no fast per-example rule; its "
                     "subtree goes through the exact but slow torch.func fallback.",
                     stacklevel=3,
                 )
-            self._wrap(module, rule)
-            if rule.covers_children:
+                self._wrap(module, rule)
                 return
+            else:
+                self._wrap(module, rule)
+                if rule.covers_children:
+                    return
         for name, child in module.named_children():
             self._attach(child, f"{prefix}.{name}" if prefix else name)
 
