@@ -42,10 +42,10 @@ FUSED_LAYERS = {
     "conv2d": ["c1", "c3", "fc"],
     "conv3d": ["fc"],
     "ws": ["c1", "fc"],
-    "shared": ["mix", "out"],
+    "shared": ["mix", "gain.inner", "out"],  # gain.inner: a container's child keeps its rule (owned_params)
 }
 
-LINEAR = {"fc1", "fc2", "fc", "mix", "out"}
+LINEAR = {"fc1", "fc2", "fc", "mix", "gain.inner", "out"}
 
 
 def to_device(model, x, t):

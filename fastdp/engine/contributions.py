@@ -59,6 +59,19 @@ def scale_rows(t: torch.Tensor, w: torch.Tensor, rows_per_example: int = 1) -> t
     return torch.where(wr != 0, t * wr, 0.0)
 
 
+def zero_dropped(w: torch.Tensor, rows_per_example: int, *tensors: torch.Tensor, scaled: int = 0) -> list[torch.Tensor]:
+    """``tensors`` (each B * rows_per_example rows) with the rows of zero-weight examples exact zeros, the first
+    ``scaled`` of them also multiplied by their example's weight: ``keep_rows``/``scale_rows`` with one mask for all
+    (the operands of one clipped sum)."""
+    keep = w != 0
+    out = []
+    for i, t in enumerate(tensors):
+        kt = _row_view(keep, t, rows_per_example)
+        v = t * _row_view(w.to(t.dtype), t, rows_per_example) if i < scaled else t
+        out.append(torch.where(kt, v, 0.0))
+    return out
+
+
 def _row_view(v: torch.Tensor, t: torch.Tensor, rows_per_example: int) -> torch.Tensor:
     # (B,) -> (B * m, 1, ..., 1), broadcasting over t's other dims
     if rows_per_example > 1:

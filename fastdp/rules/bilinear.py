@@ -21,7 +21,7 @@ from torch import nn
 
 from fastdp.engine import costs
 from fastdp.engine.binding import Binding, CallError, bind_call
-from fastdp.engine.contributions import Kept, accum_dtype, keep_rows, scale_rows
+from fastdp.engine.contributions import Kept, accum_dtype, zero_dropped
 from fastdp.engine.interface import Contribution, LayerKernels
 from fastdp.rules.base import Cost, LayerCall, Rule, Strategies, Strategy, compute_dtype, register_rule, trainable
 
@@ -37,7 +37,7 @@ class BilinearBookKeeping(Contribution):
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         # zero-weight (dropped) examples are read as exact zeros in every factor: their rows may be NaN
-        d, a, b = scale_rows(self.d, w), keep_rows(self.a, w), keep_rows(self.b, w)
+        d, a, b = zero_dropped(w, 1, self.d, self.a, self.b, scaled=1)
         return torch.einsum("nk,na,nb->kab", d.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1))
 
     def instantiate(self) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdp.engine import costs
-from fastdp.engine.contributions import Kept, accum_dtype, keep_rows, scale_rows, views_summed
+from fastdp.engine.contributions import Kept, accum_dtype, views_summed, zero_dropped
 from fastdp.engine.interface import Contribution, LayerKernels
 from fastdp.rules.base import (
     Cost,
@@ -171,9 +171,10 @@ class ConvBookKeeping(Contribution):
         # zero-weight (dropped) examples are read as exact zeros on both sides of the product: their rows may be NaN
         K = self.augmult
         if self.kernel is not None:
-            return self.kernel(keep_rows(self.x, w, K), keep_rows(self.d, w, K), w, self.geom, K)
+            return self.kernel(*zero_dropped(w, K, self.x, self.d), w, self.geom, K)
         x, d = self._accum()
-        return self.geom.grad_weight(scale_rows(d, w, K), keep_rows(x, w, K))
+        d, x = zero_dropped(w, K, d, x, scaled=1)
+        return self.geom.grad_weight(d, x)
 
     def instantiate(self) -> torch.Tensor:
         return self.geom.per_example_grad_weight(*self._accum(), self.augmult)

@@ -50,7 +50,7 @@ def unfolded_ghost(a: torch.Tensor, d: torch.Tensor, per_row: bool, chunk_elems:
             out.append((torch.bmm(dc, ga) * dc).sum(2))
         else:
             out.append((ga * torch.bmm(dc.transpose(1, 2), dc)).sum((1, 2)))
-    return torch.cat(out)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _shift_along(t: torch.Tensor, dim: int, other: int, size_out: int, kernel: int, dilation: int, padding: int):
@@ -127,7 +127,7 @@ def shifted_ghost(
             out.append((torch.bmm(dc, summed) * dc).sum(2))
         else:
             out.append(torch.linalg.vecdot(summed.flatten(1), torch.bmm(dc.transpose(1, 2), dc).flatten(1)))
-    sq = torch.cat(out)
+    sq = out[0] if len(out) == 1 else torch.cat(out)
     if per_row:
         return sq.view(B, cout)
     return sq if g == 1 else sq.view(B, g).sum(1)

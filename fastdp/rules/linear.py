@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdp.engine import costs
-from fastdp.engine.contributions import Kept, accum_dtype, keep_rows, scale_rows, sq_norms
+from fastdp.engine.contributions import Kept, accum_dtype, sq_norms, zero_dropped
 from fastdp.engine.interface import Contribution, LayerKernels
 from fastdp.rules.base import (
     Cost,
@@ -53,8 +53,10 @@ def ghost_sq_norms(a: torch.Tensor, d: torch.Tensor, chunk_elems: int = 1 << 24)
     for s in range(0, B, step):
         ga = torch.bmm(a[s : s + step], a[s : s + step].transpose(1, 2))
         gd = torch.bmm(d[s : s + step], d[s : s + step].transpose(1, 2))
-        out.append((ga * gd).sum((1, 2)))
-    return torch.cat(out)
+        n = ga.shape[0]
+        # <ga, gd> per example as one batched dot product: one launch instead of a product and a sum
+        out.append(torch.bmm(ga.view(n, 1, T * T), gd.view(n, T * T, 1)).view(n))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class LinearBookKeeping(Contribution):
@@ -70,9 +72,9 @@ class LinearBookKeeping(Contribution):
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         # zero-weight (dropped) examples are read as exact zeros on both sides of the product: their rows may be NaN
         if self.kernel is not None:
-            return self.kernel(keep_rows(self.a, w), keep_rows(self.d, w), w)
-        a, d = self._accum()
-        return scale_rows(d, w).flatten(0, 1).t() @ keep_rows(a, w).flatten(0, 1)
+            return self.kernel(*zero_dropped(w, 1, self.a, self.d), w)
+        d, a = zero_dropped(w, 1, *reversed(self._accum()), scaled=1)
+        return d.flatten(0, 1).t() @ a.flatten(0, 1)
 
     def instantiate(self) -> torch.Tensor:
         a, d = self._accum()
