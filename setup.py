@@ -180,7 +180,7 @@ def main() -> None:
             # the Triton backend (a GPU); also what runs the Triton kernels' tests on a CPU under TRITON_INTERPRET=1,
             # which .ci/run installs: ".[test,triton]" (the kernel tests skip without it). Not in "test": ~1 GB
             "triton": ["triton>=3.0"],
-            "test": ["pytest", "pytest-benchmark", "opacus>=1.5", "scikit-learn"],
+            "test": ["pytest", "pytest-benchmark", "pytest-xdist", "opacus>=1.5", "scikit-learn"],
         },
         entry_points={"console_scripts": ["fastdp-train = fastdp.train:cli"]},
     )

@@ -159,7 +159,8 @@ def assert_exact(model, x, t, sizes, *, augmult=1, reduction="mean", strategy=No
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    # one thread per pytest-xdist worker (the workers already use the cores), else 2 (the CPU CI machine's cores)
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
     yield
 
 
