@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from fastdp.backends.triton import TritonBackend
-from fastdp.engine.contributions import reducing_with
+from fastdp.engine.contributions import reduce_rows, reducing_with
 from fastdp.engine.interface import LayerCall
 from fastdp.engine.precision import full_fp32
 from fastdp.rules.conv import GHOST_STRATEGIES
@@ -84,6 +84,18 @@ class _Owner:
 
 
 @contextlib.contextmanager
+def _values_free_init() -> Iterator[None]:
+    """Initialisers that read values (``trunc_normal_`` resamples until every entry is in range) made no-ops: fake
+    tensors hold no values, and the launches depend on shapes and dtypes only."""
+    saved = torch.nn.init.trunc_normal_
+    torch.nn.init.trunc_normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        torch.nn.init.trunc_normal_ = saved
+
+
+@contextlib.contextmanager
 def _autocast(dtype: torch.dtype | None) -> Iterator[None]:
     with torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext():
         yield
@@ -106,6 +118,12 @@ def layer_calls(model: nn.Module, x: torch.Tensor, augmult: int) -> list[tuple[n
         calls.append((module, binding.tensors[0]))
         return forward(list(binding.tensors))
 
+    # a container's own parameters launch no Triton kernel of their own (their small kept per-example gradients join
+    # the flat buffer, modelled in _layer_launches): its class's forward runs, reading them as they are (their uses
+    # are tracked by a tensor subclass, which fake tensors cannot take)
+    for container in engine.owned.markers:
+        del container.forward
+        engine._wrapped.remove(container)
     engine._recorder = recorder
     try:
         with torch.no_grad():
@@ -174,6 +192,14 @@ def _layer_launches(model, x, augmult, precision, backend, sink_label) -> None:
                     for p, contribution in contributions:
                         contribution.weighted_sum(w).to(p.dtype)
 
+    # the flat buffer of the small kept per-example gradients (fastdp.engine.flat): one clip-and-reduce over
+    # (examples, P) fp32 columns, P the padded total of the model's small parameters; Triton specialises P (and the
+    # row stride, P) only by == 1 and divisibility by 16, so a P of each class covers every model
+    sink_label("flat buffer of small parameters")
+    for P in (16, 20):
+        with reducing_with(reducer):
+            reduce_rows(torch.empty(examples, P), torch.ones(examples))
+
 
 def _step_launches(model: nn.Module, optimizer: str, lr: float, momentum: float, nesterov: bool, wd: float) -> None:
     params = [nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta")) for p in model.parameters()]
@@ -224,7 +250,7 @@ def step_launches(
         where[0] = f"{label} {text}"
 
     backend = TritonBackend(device_type="cpu")  # fake tensors are CPU tensors
-    with recording(sink):
+    with recording(sink), _values_free_init():
         with FakeTensorMode(allow_non_fake_inputs=False):
             model = model_fn().train()
             x = torch.empty(batch * augmult, *input_shape)
@@ -262,7 +288,9 @@ def preset_launches(
                 done.add(key)
                 dt = "fp32" if precision is None else str(precision).replace("torch.", "")
                 out += step_launches(
-                    lambda m=cfg.model, c=channels, k=classes: build_model(m, num_classes=k, in_channels=c),
+                    lambda m=cfg.model, c=channels, k=classes, s=side: build_model(
+                        m, num_classes=k, in_channels=c, image_size=s
+                    ),
                     (channels, side, side),
                     batch=batch, augmult=cfg.augmult, precision=precision, optimizer=cfg.optimizer, lr=cfg.lr,
                     momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
