@@ -44,25 +44,13 @@ def views_summed(t: torch.Tensor, augmult: int) -> torch.Tensor:
     return t if augmult == 1 else t.view(-1, augmult, *t.shape[1:]).sum(1)
 
 
-def keep_rows(t: torch.Tensor, w: torch.Tensor, rows_per_example: int = 1) -> torch.Tensor:
-    """``t`` (B * rows_per_example, ...) with the rows of zero-weight examples set to exact zeros.
+def zero_dropped(w: torch.Tensor, rows_per_example: int, *tensors: torch.Tensor, scaled: int = 0) -> list[torch.Tensor]:
+    """``tensors`` (each B * rows_per_example rows) with the rows of zero-weight examples exact zeros, the first
+    ``scaled`` of them also multiplied by their example's weight; one mask for all (the operands of one clipped sum).
 
     A dropped (non-finite) example has weight 0, but its rows may hold NaN or inf and 0 * nan = nan: a weighted sum
     must not read them. ``torch.where`` selects instead of multiplying, so the other rows are unchanged bit for bit.
     """
-    return torch.where(_row_view(w != 0, t, rows_per_example), t, 0.0)
-
-
-def scale_rows(t: torch.Tensor, w: torch.Tensor, rows_per_example: int = 1) -> torch.Tensor:
-    """``t``'s rows times their example's weight, with zero-weight examples exact zeros (``keep_rows``)."""
-    wr = _row_view(w.to(t.dtype), t, rows_per_example)
-    return torch.where(wr != 0, t * wr, 0.0)
-
-
-def zero_dropped(w: torch.Tensor, rows_per_example: int, *tensors: torch.Tensor, scaled: int = 0) -> list[torch.Tensor]:
-    """``tensors`` (each B * rows_per_example rows) with the rows of zero-weight examples exact zeros, the first
-    ``scaled`` of them also multiplied by their example's weight: ``keep_rows``/``scale_rows`` with one mask for all
-    (the operands of one clipped sum)."""
     keep = w != 0
     out = []
     for i, t in enumerate(tensors):
@@ -105,7 +93,7 @@ def reduce_rows(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     takes ``g`` (its kernels skip them: the Reducer contract), else one masked GEMV."""
     reducer = _REDUCER.get()
     out = None if reducer is None else reducer(g, w)
-    return (w.to(g.dtype) @ keep_rows(g, w)) if out is None else out
+    return (w.to(g.dtype) @ zero_dropped(w, 1, g)[0]) if out is None else out
 
 
 class Summed(Kept):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdp.engine.binding import Binding, CallError, bind_call
-from fastdp.engine.contributions import accum_dtype, scale_rows
+from fastdp.engine.contributions import accum_dtype, zero_dropped
 from fastdp.engine.interface import Contribution
 from fastdp.rules.base import LayerCall, Rule, register_rule
 
@@ -30,7 +30,8 @@ class EmbeddingBookKeeping(Contribution):
         return self.sq
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        d = scale_rows(self.d, w).flatten(0, 1)  # a dropped example's rows are exact zeros, even where they were NaN
+        (d,) = zero_dropped(w, 1, self.d, scaled=1)  # a dropped example's rows are exact zeros, even where NaN
+        d = d.flatten(0, 1)
         return torch.zeros(self.V, d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, self.idx.flatten(), d)
 
     def instantiate(self) -> torch.Tensor:
