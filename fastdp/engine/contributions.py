@@ -14,16 +14,29 @@ from fastdp.engine.interface import Contribution, Reducer
 
 #: the clip-and-reduce kernel of the engine's backend while it finishes a backward (fastdp.engine.interface.Reducer)
 _REDUCER: contextvars.ContextVar[Reducer | None] = contextvars.ContextVar("fastdp_clip_reduce", default=None)
+#: the weights of the backward being finished and which of them are exactly 0: one mask for every contribution
+_DROPPED: contextvars.ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = contextvars.ContextVar(
+    "fastdp_dropped", default=None
+)
 
 
 @contextmanager
-def reducing_with(reducer: Reducer | None) -> Iterator[None]:
-    """Run the weighted sums of kept per-example gradients through ``reducer`` (the engine's backend)."""
+def reducing_with(reducer: Reducer | None, weights: torch.Tensor | None = None) -> Iterator[None]:
+    """Run the weighted sums of kept per-example gradients through ``reducer`` (the engine's backend); with the
+    backward's ``weights``, compare them with 0 once for all of its contributions (``dropped``)."""
     token = _REDUCER.set(reducer)
+    mask = _DROPPED.set(None if weights is None else (weights, weights == 0))
     try:
         yield
     finally:
+        _DROPPED.reset(mask)
         _REDUCER.reset(token)
+
+
+def dropped(w: torch.Tensor) -> torch.Tensor:
+    """``w == 0`` per example: the examples a weighted sum must select away (computed once per backward)."""
+    memo = _DROPPED.get()
+    return memo[1] if memo is not None and memo[0] is w else w == 0
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,27 +57,22 @@ def views_summed(t: torch.Tensor, augmult: int) -> torch.Tensor:
     return t if augmult == 1 else t.view(-1, augmult, *t.shape[1:]).sum(1)
 
 
-def zero_dropped(w: torch.Tensor, rows_per_example: int, *tensors: torch.Tensor, scaled: int = 0) -> list[torch.Tensor]:
-    """``tensors`` (each B * rows_per_example rows) with the rows of zero-weight examples exact zeros, the first
-    ``scaled`` of them also multiplied by their example's weight; one mask for all (the operands of one clipped sum).
+def zero_dropped(w: torch.Tensor, *tensors: torch.Tensor, scaled: int = 0, dim: int = 0) -> list[torch.Tensor]:
+    """``tensors`` (each holding B examples' rows in dimension ``dim``, consecutive per example) with the rows of
+    zero-weight examples exact zeros, the first ``scaled`` of them also multiplied by their example's weight.
 
     A dropped (non-finite) example has weight 0, but its rows may hold NaN or inf and 0 * nan = nan: a weighted sum
     must not read them. ``torch.where`` selects instead of multiplying, so the other rows are unchanged bit for bit.
     """
-    keep = w != 0
+    drop, B = dropped(w), w.shape[0]
     out = []
     for i, t in enumerate(tensors):
-        kt = _row_view(keep, t, rows_per_example)
-        v = t * _row_view(w.to(t.dtype), t, rows_per_example) if i < scaled else t
-        out.append(torch.where(kt, v, 0.0))
+        rows = t.unflatten(dim, (B, -1))  # (..., B, rows per example, ...): a view, the mask broadcasts over it
+        shape = [1] * rows.dim()
+        shape[dim] = B
+        v = rows * w.view(shape).to(t.dtype) if i < scaled else rows
+        out.append(torch.where(drop.view(shape), 0.0, v).flatten(dim, dim + 1))
     return out
-
-
-def _row_view(v: torch.Tensor, t: torch.Tensor, rows_per_example: int) -> torch.Tensor:
-    # (B,) -> (B * m, 1, ..., 1), broadcasting over t's other dims
-    if rows_per_example > 1:
-        v = v.repeat_interleave(rows_per_example)
-    return v.view(-1, *([1] * (t.dim() - 1)))
 
 
 class Kept(Contribution):
@@ -93,7 +101,7 @@ def reduce_rows(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     takes ``g`` (its kernels skip them: the Reducer contract), else one masked GEMV."""
     reducer = _REDUCER.get()
     out = None if reducer is None else reducer(g, w)
-    return (w.to(g.dtype) @ zero_dropped(w, 1, g)[0]) if out is None else out
+    return (w.to(g.dtype) @ zero_dropped(w, g)[0]) if out is None else out
 
 
 class Summed(Kept):

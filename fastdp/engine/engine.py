@@ -36,6 +36,7 @@ from fastdp.engine.provenance import (
     quiet_model,
     signature,
 )
+from fastdp.engine.stacks import gather_stacks
 from fastdp.rules import fallback_rule, known_strategies, rule_for
 from fastdp.rules.base import Rule
 
@@ -114,8 +115,9 @@ class GradSampleEngine:
         #: non-finite examples: of the last logical batch (a device tensor once a batch was popped) and in all
         self.nonfinite_last: torch.Tensor | int = 0
         self._nonfinite_total: torch.Tensor | int = 0
-        #: the flat buffers' running clipped sums of this logical batch, with the views of them ``summed`` holds
-        self._flat_sums: dict[tuple, tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]] = {}
+        #: the running clipped sums of this logical batch's groups (flat buffers, stacks), with the views ``summed``
+        #: holds of them
+        self._group_sums: dict[tuple, tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]] = {}
         #: the provenance of every wrapped call, by the model input's signature (fastdp.engine.provenance)
         self.layouts: dict[tuple, dict[tuple[nn.Module, int], CallLayout]] = {}
         self._pass: dict[nn.Parameter, list[Contribution]] | None = None
@@ -379,19 +381,23 @@ class GradSampleEngine:
         scale = examples if self.loss_reduction == "mean" else 1.0 / self.augmult
         with full_fp32():
             merged = {p: cs[0] if len(cs) == 1 else Summed(cs) for p, cs in contributions.items()}
-            flats = Flat.gather(merged)
-            in_flat = {p for f in flats for p in f.params}
-            rest = {p: c for p, c in merged.items() if p not in in_flat}
-            parts = [*flats, *rest.values()]
+            # small kept gradients side by side in one buffer, same-shape book-keeping layers stacked: each group
+            # costs the launches of one
+            groups = Flat.gather(merged)
+            grouped = {p for g in groups for p in g.params}
+            groups += gather_stacks({p: c for p, c in merged.items() if p not in grouped})
+            grouped = {p for g in groups for p in g.params}
+            rest = {p: c for p, c in merged.items() if p not in grouped}
+            parts = [*groups, *rest.values()]
             sq = parts[0].sq_norm() if len(parts) == 1 else torch.stack([c.sq_norm() for c in parts]).sum(0)
             norms = sq.sqrt() * scale
             # branch-free: a non-finite example gets weight 0, and every contribution reads a zero-weight example's
             # rows as exact zeros (the Contribution contract); nothing here asks the host whether one occurred
             factors = self.clip_fn(norms, self.max_grad_norm, self.clip_gamma)
             weights = torch.where(torch.isfinite(norms), factors * scale, 0.0)
-            with reducing_with(self.reducer):
-                for f in flats:
-                    self._add_flat(f, f.weighted_sum(weights))
+            with reducing_with(self.reducer, weights):
+                for g in groups:
+                    self._add_group(g, g.weighted_sum(weights))
                 for p, c in rest.items():
                     self._add(p, c.weighted_sum(weights).to(p.dtype).view_as(p))
         self.norms.append(norms.detach())
@@ -400,11 +406,12 @@ class GradSampleEngine:
         prev = self.summed.get(p)
         self.summed[p] = s if prev is None else prev + s
 
-    def _add_flat(self, flat: Flat, total: torch.Tensor) -> None:
-        """Add a flat buffer's clipped sum: in place, one launch, when the previous micro-batch's sums of the same
-        parameters are still views of one flat tensor (the usual case), else parameter by parameter."""
-        views = flat.split(total)
-        acc = self._flat_sums.get(flat.params)
+    def _add_group(self, group, total: torch.Tensor) -> None:
+        """Add the clipped sums of a group of parameters (a flat buffer, a stack) computed as one tensor: in place,
+        one launch, when the previous micro-batch's sums of the same parameters are still views of one tensor (the
+        usual case), else parameter by parameter."""
+        views = group.split(total)
+        acc = self._group_sums.get(group.params)
         if acc is not None and all(self.summed.get(p) is v for p, v in acc[1].items()):
             acc[0].add_(total)
             return
@@ -412,12 +419,12 @@ class GradSampleEngine:
         for p, v in views.items():
             self._add(p, v.to(p.dtype))
         if fresh:
-            self._flat_sums[flat.params] = (total, views)
+            self._group_sums[group.params] = (total, views)
 
     # ------------------------------------------------------------------ logical batch
     def pop(self) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
         """Hand the clipped sums and norms of the logical batch to the optimizer and start a new one."""
-        summed, self.summed, self._flat_sums = self.summed, {}, {}
+        summed, self.summed, self._group_sums = self.summed, {}, {}
         norms = torch.cat(self.norms) if self.norms else torch.zeros(0)
         self.norms = []
         # counted on the device: reading it is the caller's choice (a host read of a GPU tensor drains the queue)
@@ -437,7 +444,7 @@ class GradSampleEngine:
 
     def discard(self) -> None:
         """Forget the clipped sums of the current logical batch (what zero_grad does to ordinary grads)."""
-        self.summed, self.norms, self._flat_sums = {}, [], {}
+        self.summed, self.norms, self._group_sums = {}, [], {}
 
 
 class _MicroBatch:

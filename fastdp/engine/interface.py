@@ -60,6 +60,11 @@ class Contribution:
     def instantiate(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def stack_key(self) -> Any:
+        """Contributions of one class and equal keys (not None) are finished together by that class's
+        ``stacked(members)``: one batched norm and one batched sum for same-shape layers (fastdp.engine.stacks)."""
+        return None
+
 
 @dataclass(frozen=True)
 class LayerKernels:

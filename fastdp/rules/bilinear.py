@@ -37,7 +37,7 @@ class BilinearBookKeeping(Contribution):
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         # zero-weight (dropped) examples are read as exact zeros in every factor: their rows may be NaN
-        d, a, b = zero_dropped(w, 1, self.d, self.a, self.b, scaled=1)
+        d, a, b = zero_dropped(w, self.d, self.a, self.b, scaled=1)
         return torch.einsum("nk,na,nb->kab", d.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1))
 
     def instantiate(self) -> torch.Tensor:

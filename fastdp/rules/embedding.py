@@ -30,7 +30,7 @@ class EmbeddingBookKeeping(Contribution):
         return self.sq
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        (d,) = zero_dropped(w, 1, self.d, scaled=1)  # a dropped example's rows are exact zeros, even where NaN
+        (d,) = zero_dropped(w, self.d, scaled=1)  # a dropped example's rows are exact zeros, even where NaN
         d = d.flatten(0, 1)
         return torch.zeros(self.V, d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, self.idx.flatten(), d)
 

@@ -41,6 +41,8 @@ from fastdp.rules.base import (
     trainable,
 )
 
+_INF = float("inf")
+
 
 def ghost_sq_norms(a: torch.Tensor, d: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
     """sum_{t,s} (a_t . a_s)(d_t . d_s) per example for a (B, T, da), d (B, T, dd), never holding more than
@@ -61,30 +63,95 @@ def ghost_sq_norms(a: torch.Tensor, d: torch.Tensor, chunk_elems: int = 1 << 24)
 
 class LinearBookKeeping(Contribution):
     """Holds a (B, T', d) and delta (B, T', p) until the clip factors are known; S_W = A^T diag(w) Delta, by
-    ``kernel(a, delta, w)`` when the plan is fused, else one torch GEMM on the scaled delta."""
+    ``kernel(a, delta, w)`` when the plan is fused, else one torch GEMM on the scaled delta. ``sq`` None: the ghost
+    norm, taken when asked (at the end of the backward, for all same-shape layers at once: ``LinearStack``)."""
 
-    def __init__(self, a: torch.Tensor, d: torch.Tensor, sq: torch.Tensor, kernel: Callable | None = None) -> None:
+    def __init__(
+        self, a: torch.Tensor, d: torch.Tensor, sq: torch.Tensor | None, kernel: Callable | None = None
+    ) -> None:
         self.a, self.d, self.sq, self.kernel = a, d, sq, kernel
 
     def sq_norm(self) -> torch.Tensor:
+        if self.sq is None:
+            self.sq = ghost_sq_norms(*self._accum())
         return self.sq
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         # zero-weight (dropped) examples are read as exact zeros on both sides of the product: their rows may be NaN
         if self.kernel is not None:
-            return self.kernel(*zero_dropped(w, 1, self.a, self.d), w)
-        d, a = zero_dropped(w, 1, *reversed(self._accum()), scaled=1)
+            return self.kernel(*zero_dropped(w, self.a, self.d), w)
+        d, a = zero_dropped(w, *reversed(self._accum()), scaled=1)
         return d.flatten(0, 1).t() @ a.flatten(0, 1)
 
     def instantiate(self) -> torch.Tensor:
         a, d = self._accum()
         return torch.bmm(d.transpose(1, 2), a)
 
+    def stack_key(self) -> tuple | None:
+        # the torch GEMM only: a kernel takes one layer's operands
+        if self.kernel is not None:
+            return None
+        return (self.a.shape, self.d.shape, self.a.dtype, self.d.dtype, self.a.device, self.sq is None)
+
+    @property
+    def held_bytes(self) -> int:
+        return self.a.nbytes + self.d.nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    @staticmethod
+    def stacked(members: Sequence[tuple[nn.Parameter, LinearBookKeeping]]) -> LinearStack:
+        return LinearStack(members)
+
     def _accum(self) -> tuple[torch.Tensor, torch.Tensor]:
         """a and delta in the accumulation dtype: a fused norm holds them as 16-bit tensors under autocast, and a
         backend without the book-keeping kernel sums them in torch, which would otherwise round in 16 bits."""
         acc = accum_dtype(self.d.dtype)
         return self.a.to(acc), self.d.to(acc)
+
+
+class LinearStack:
+    """L book-keeping Linear layers of one shape finished together (fastdp.engine.stacks): a (L, B, T', d) and delta
+    (L, B, T', p) stacked once, then one ghost norm over the L*B examples, one drop mask and one batched GEMM
+    S_l = A_l^T diag(w) Delta_l for all of them (~10 launches instead of ~8 per layer). Each layer's sum is computed
+    as it would be alone; only the launches are shared."""
+
+    def __init__(self, members: Sequence[tuple[nn.Parameter, LinearBookKeeping]]) -> None:
+        self.params = tuple(p for p, _ in members)
+        operands = [c._accum() for _, c in members]
+        self.a = torch.stack([a for a, _ in operands])
+        self.d = torch.stack([d for _, d in operands])
+        self.sqs = [c.sq for _, c in members]  # all None (ghost, taken here) or all known: part of the stack key
+
+    def sq_norm(self) -> torch.Tensor:
+        if self.sqs[0] is not None:
+            return torch.stack(self.sqs).sum(0)
+        L, B = self.a.shape[:2]
+        return ghost_sq_norms(self.a.flatten(0, 1), self.d.flatten(0, 1)).view(L, B).sum(0)
+
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        """(L, p, d): each layer's clipped sum. Called once: the stacks are the engine's own copies, scaled and
+        cleaned in place (two passes of ~1/3 the cost of a masked selection on the CPU, three launches for all):
+
+        - the smaller operand is multiplied by w, then its NaN set to 0 (infinities kept): a dropped example
+          (w = 0 exactly) has rows 0 * x in {0, NaN}, so they become exact zeros; a kept one's rows are x * w;
+        - the other operand's non-finite entries are set to 0: a dropped example's rows become finite, which is all
+          the product needs (they meet exact zeros). A kept example's entries are all finite (an inf or NaN in its
+          operands makes its norm, computed from the same operands, non-finite: it would have been dropped), so
+          they are unchanged bit for bit.
+
+        The result equals the product of the operands with dropped examples' rows selected away (``zero_dropped``).
+        """
+        B = w.shape[0]
+        scaled, other = (self.d, self.a) if self.d[0, 0].numel() <= self.a[0, 0].numel() else (self.a, self.d)
+        scaled.mul_(w.view(1, B, 1, 1).to(scaled.dtype)).nan_to_num_(0.0, _INF, -_INF)
+        other.nan_to_num_(0.0, 0.0, 0.0)
+        return torch.bmm(self.d.flatten(1, 2).transpose(1, 2), self.a.flatten(1, 2))
+
+    def split(self, total: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        return dict(zip(self.params, total.unbind(0), strict=True))
 
 
 @dataclass(frozen=True)
@@ -161,7 +228,7 @@ LINEAR_STRATEGIES = Strategies(
     Strategy(
         "ghost",
         cost=lambda s: Cost(s.ghost - s.wgrad, s.held),
-        contribute=lambda call, a, d, dtype: LinearBookKeeping(a, d, ghost_sq_norms(a, d)),
+        contribute=lambda call, a, d, dtype: LinearBookKeeping(a, d, None),
     ),
     Strategy(
         "keep",
