@@ -144,14 +144,16 @@ def _clip_reduce_bookkeeping_kernel(
         b = r // T
         t = r % T
         c = tl.load(C_ptr + b, mask=ok, other=0.0)
+        # rows of weight exactly 0 are not read, on either side: a dropped (non-finite) example may hold NaN
+        live = ok & (c != 0.0)
         d_t = tl.load(
             D_ptr + b[None, :] * stride_db + t[None, :] * stride_dt + rp[:, None] * stride_dp,
-            mask=ok[None, :] & (rp[:, None] < DP),
+            mask=live[None, :] & (rp[:, None] < DP),
             other=0.0,
         )
         a = tl.load(
             A_ptr + b[:, None] * stride_ab + t[:, None] * stride_at + rd[None, :] * stride_ad,
-            mask=ok[:, None] & (rd[None, :] < DA),
+            mask=live[:, None] & (rd[None, :] < DA),
             other=0.0,
         )
         acc = _scaled_mma(d_t, c, a, acc, PRECISION, INTERP)
@@ -223,16 +225,18 @@ def _clip_reduce_bookkeeping_conv2d_kernel(
         oh = l_ // WO
         ow = l_ % WO
         c = tl.load(C_ptr + n // VIEWS, mask=ok, other=0.0)
+        # rows of weight exactly 0 are not read, on either side: a dropped (non-finite) example may hold NaN
+        live = ok & (c != 0.0)
         n = n.to(tl.int64)
         d_row = n * stride_dn + oh * stride_dh + ow * stride_dw
         d_t = tl.load(
-            D_ptr + d_row[None, :] + rp[:, None] * stride_dc, mask=ok[None, :] & (rp[:, None] < DP), other=0.0
+            D_ptr + d_row[None, :] + rp[:, None] * stride_dc, mask=live[None, :] & (rp[:, None] < DP), other=0.0
         )
         h0 = oh * conv_sh - pad_h
         w0 = ow * conv_sw - pad_w
         # zero padding is the mask: a tap reads x only where 0 <= h0 + tap_h < H and 0 <= w0 + tap_w < W. Rows past
-        # the split get an empty h range and columns past d a tap beyond every range, so one mask covers all
-        h_end = tl.where(ok, H - h0, 0)
+        # the split or of weight 0 get an empty h range and columns past d a tap beyond every range: one mask
+        h_end = tl.where(live, H - h0, 0)
         inside = (tap_h[None, :] >= -h0[:, None]) & (tap_h[None, :] < h_end[:, None])
         inside &= (tap_w[None, :] >= -w0[:, None]) & (tap_w[None, :] < (W - w0)[:, None])
         x_row = X_ptr + n * stride_xn

@@ -376,6 +376,32 @@ def test_clip_reduce_bookkeeping(B, T, d, p):
     assert_fp32(s, cr.clip_reduce_ref(psn.per_sample_grad_ref(a.double(), delta.double()), c.double()))
 
 
+def test_clip_reduce_bookkeeping_skips_zero_weight_rows():
+    """Linear and conv book-keeping: an example of weight 0 may hold NaN/inf in a and in delta (a dropped example):
+    neither side of its rows is read, the sum is the other examples'."""
+    gen = torch.Generator().manual_seed(44)
+    a, delta = randn(4, 9, 18, gen=gen), randn(4, 9, 20, gen=gen)
+    c = torch.rand(4, generator=gen).to(DEVICE) + 0.5
+    c[2] = 0.0
+    a[2, 3, 1], delta[2, 5, 0] = float("nan"), float("inf")
+    kept = [0, 1, 3]
+    s = cr.clip_reduce_bookkeeping(a, delta, c)
+    assert torch.isfinite(s).all()
+    assert_fp32(s, cr.clip_reduce_bookkeeping_ref(a[kept].double(), delta[kept].double(), c[kept].double()))
+
+    x, dx = randn(6, 3, 7, 6, gen=gen), randn(6, 5, 7, 6, gen=gen)  # 3 examples of 2 views
+    c = torch.rand(3, generator=gen).to(DEVICE) + 0.5
+    c[1] = 0.0
+    x[3, 0, 2, 2], dx[2, 4, 1, 1] = float("inf"), float("nan")  # each in one view of example 1
+    views = [0, 1, 4, 5]
+    s = cr.clip_reduce_bookkeeping_conv2d(x, dx, c, 3, padding=1, augmult=2)
+    assert torch.isfinite(s).all()
+    ref = cr.clip_reduce_bookkeeping_conv2d_ref(
+        x[views].double(), dx[views].double(), c[[0, 2]].double(), (3, 3), 1, 1, 1, 2
+    )
+    assert_fp32(s, ref)
+
+
 def test_clip_reduce_bookkeeping_bf16_empty():
     gen = torch.Generator().manual_seed(6)
     a, delta = randn(2, 20, 16, dtype=torch.bfloat16, gen=gen), randn(2, 20, 33, dtype=torch.bfloat16, gen=gen)

@@ -81,6 +81,9 @@ class LayerKernels:
     - ``conv2d_bookkeeping(x, delta, w, geom, K)``   its clipped sum, (p, C, kh, kw),
     - ``conv2d_ghost_norm(x, delta, geom, K)``       its norm by the ghost norm over the K Ho Wo positions (the
                                                      low-resolution layers).
+
+    The book-keeping kernels do not read the rows of an example of weight exactly 0, on either side of the product:
+    a dropped example's rows may hold NaN or inf (the Contribution contract).
     """
 
     #: the device type the kernels take tensors on ('cuda'; 'cpu' only in Triton's interpreter, for tests)

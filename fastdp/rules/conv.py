@@ -171,7 +171,7 @@ class ConvBookKeeping(Contribution):
         # zero-weight (dropped) examples are read as exact zeros on both sides of the product: their rows may be NaN
         K = self.augmult
         if self.kernel is not None:
-            return self.kernel(*zero_dropped(w, self.x, self.d), w, self.geom, K)
+            return self.kernel(self.x, self.d, w, self.geom, K)  # skips zero-weight rows (LayerKernels contract)
         x, d = self._accum()
         d, x = zero_dropped(w, d, x, scaled=1)
         return self.geom.grad_weight(d, x)

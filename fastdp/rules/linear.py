@@ -77,9 +77,10 @@ class LinearBookKeeping(Contribution):
         return self.sq
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        # zero-weight (dropped) examples are read as exact zeros on both sides of the product: their rows may be NaN
+        # zero-weight (dropped) examples are read as exact zeros on both sides of the product: their rows may be NaN.
+        # The backend's kernel does not read them (the LayerKernels contract)
         if self.kernel is not None:
-            return self.kernel(*zero_dropped(w, self.a, self.d), w)
+            return self.kernel(self.a, self.d, w)
         d, a = zero_dropped(w, *reversed(self._accum()), scaled=1)
         return d.flatten(0, 1).t() @ a.flatten(0, 1)
 
