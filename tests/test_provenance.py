@@ -199,7 +199,11 @@ def test_one_backward_through_two_forwards_of_different_sizes_names_the_layer():
         loss.backward()
 
 
-def test_probe_leaves_rng_training_flags_and_buffers_as_they_were():
+@pytest.mark.parametrize("autotune", [False, True])
+def test_probe_and_plan_leave_rng_training_flags_and_buffers_as_they_were(autotune):
+    """The first forward probes the model and plans it (autotuning: timed with random output gradients, drawn from
+    a generator of the engine's own); neither consumes the caller's randomness."""
+
     class Noisy(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -214,7 +218,7 @@ def test_probe_leaves_rng_training_flags_and_buffers_as_they_were():
 
     torch.manual_seed(25)
     model = Noisy()
-    GradSampleEngine(model, max_grad_norm=1.0, autotune=False)  # (autotuning draws random output gradients)
+    GradSampleEngine(model, max_grad_norm=1.0, autotune=autotune)
     plain = Noisy()
     plain.load_state_dict(model.state_dict())
     x = torch.randn(5, 4)

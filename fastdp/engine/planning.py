@@ -190,10 +190,17 @@ def shortlist(fits: dict[str, Cost]) -> list[str]:
 
 
 def _random_like(out: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """A random output gradient: one tensor for one output, else one per tensor leaf (fastdp.engine.interface)."""
-    if isinstance(out, torch.Tensor):
-        return torch.randn_like(out)
-    return tuple(torch.randn_like(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+    """A random output gradient: one tensor for one output, else one per tensor leaf (fastdp.engine.interface).
+
+    Drawn from a generator of its own: planning must not advance the caller's RNG, or a run that plans (the first
+    step, a new input shape) would draw other dropout masks and augmentations than one that restored its plan.
+    """
+    leaves = (
+        [out] if isinstance(out, torch.Tensor) else [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    )
+    gen = torch.Generator(device=leaves[0].device).manual_seed(0)
+    draws = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device) for t in leaves)
+    return draws[0] if isinstance(out, torch.Tensor) else draws
 
 
 def _outside_autocast(device_type: str):
