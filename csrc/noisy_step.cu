@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t g = g_first + threadIdx.x; g <= g_last; g += kThreads) {
     float z[4] = {0.f, 0.f, 0.f, 0.f};
     if (key.draw) {
-      const philox::Normals r = philox::normals(philox::group_words(uint64_t(g), key.step, key.seed));
+      const philox::Normals r = philox::group_normals(uint64_t(g), key.step, key.seed);
       z[0] = r.z0;
       z[1] = r.z1;
       z[2] = r.z2;
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t g_first = offset >> 2, g_last = (offset + n - 1) >> 2;
   for (int64_t g = g_first + int64_t(blockIdx.x) * kThreads + threadIdx.x; g <= g_last;
        g += int64_t(gridDim.x) * kThreads) {
-    const philox::Normals r = philox::normals(philox::group_words(uint64_t(g), step, seed));
+    const philox::Normals r = philox::group_normals(uint64_t(g), step, seed);
     const float z[4] = {r.z0, r.z1, r.z2, r.z3};
 #pragma unroll
     for (int l = 0; l < 4; ++l) {

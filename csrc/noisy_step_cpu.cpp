@@ -141,14 +141,18 @@ inline void philox_words_block(WordsSoA& w, uint64_t g0, int64_t ng, uint64_t st
   words_generic(w, g0, ng, step, seed);
 }
 
-FASTDP_CPU_CLONES void normals_from_words(float* __restrict z, const WordsSoA& w, int64_t ng) {
+// From the groups' words w and their extension words e (the radii's low words).
+FASTDP_CPU_CLONES void normals_from_words(float* __restrict z, const WordsSoA& w, const WordsSoA& e, int64_t ng) {
   const uint32_t* __restrict x0 = w.x[0];
   const uint32_t* __restrict x1 = w.x[1];
   const uint32_t* __restrict x2 = w.x[2];
   const uint32_t* __restrict x3 = w.x[3];
+  const uint32_t* __restrict y0 = e.x[0];
+  const uint32_t* __restrict y2 = e.x[2];
 #pragma omp simd
   for (int64_t k = 0; k < ng; ++k) {
-    const philox::Normals n = philox::normals(philox::Words{x0[k], x1[k], x2[k], x3[k]});
+    const philox::Normals n =
+        philox::normals(philox::Words{x0[k], x1[k], x2[k], x3[k]}, philox::Words{y0[k], 0u, y2[k], 0u});
     z[4 * k] = n.z0;
     z[4 * k + 1] = n.z1;
     z[4 * k + 2] = n.z2;
@@ -158,9 +162,10 @@ FASTDP_CPU_CLONES void normals_from_words(float* __restrict z, const WordsSoA& w
 
 // z[0 .. 4 ng) = the normals of groups g0 .. g0 + ng - 1 (ng <= kGroups).
 inline void normals_block(float* z, uint64_t g0, int64_t ng, uint64_t step, uint64_t seed) {
-  WordsSoA w;
+  WordsSoA w, e;
   philox_words_block(w, g0, ng, step, seed);
-  normals_from_words(z, w, ng);
+  philox_words_block(e, g0 | philox::kExtension, ng, step, seed);
+  normals_from_words(z, w, e, ng);
 }
 
 // z[0 .. eb - e) = noise elements e .. eb - 1 (eb - e <= kBlock, e .. eb inside one kBlock-aligned block).

@@ -3,10 +3,14 @@
 // Noise element e of step `step` (e counts over all noised parameters laid end to end):
 //   g = e / 4, lane = e % 4
 //   (x0, x1, x2, x3) = Philox4x32-10(counter = (g_lo, g_hi, step_lo, step_hi), key = (seed_lo, seed_hi))
+//   (y0, _, y2, _)   = the same for counter g + 2^63: the low words of the radius uniforms
+//   v_j = fl32(((y_j + 0.5) 2^-32 + x_j) 2^-32)  in float64 operations: 64 random bits, as small as 2^-65
 //   u_j = (x_j + 0.5) * 2^-32            rounded once to float32 (computed exactly in float64 first)
-//   r = sqrt(-2 ln u0), s = sqrt(-2 ln u2), t = fl32(2 pi) * u1, w = fl32(2 pi) * u3   (float32 ops)
+//   r = sqrt(-2 ln v0), s = sqrt(-2 ln v2), t = fl32(2 pi) * u1, w = fl32(2 pi) * u3   (float32 ops)
 //   z = (r cos t, r sin t, s cos w, s sin w)[lane]
-// Cost per group of 4 normals: 20 32x32->64 multiplies (Philox), 2 log, 2 sqrt, 2 sincos.
+// Cost per group of 4 normals: 40 32x32->64 multiplies (two Philox blocks), 2 log, 2 sqrt, 2 sincos.
+// A radius from one 32-bit word would truncate the Gaussian at sqrt(66 ln 2) = 6.77 sigma, which costs the Gaussian
+// mechanism a share of delta (fastdp/philox.py says how much); from 64 bits it reaches 9.49 sigma.
 //
 // The uint32 words are bit-exact on every backend (integer arithmetic). The normals use the Cephes log/sin/cos
 // polynomials below on both host and device, without FMA contraction, so the C++ and CUDA normals are bit-identical
@@ -63,8 +67,15 @@ FASTDP_HD Words group_words(uint64_t g, uint64_t step, uint64_t seed) {
                        uint32_t(seed >> 32));
 }
 
+// Added to a group's counter for the words that extend its radius uniforms (groups stay below 2^61).
+constexpr uint64_t kExtension = uint64_t(1) << 63;
+
 // (x + 0.5) * 2^-32 is exact in float64 (33 significant bits); one rounding to float32, as the reference.
 FASTDP_HD float uniform(uint32_t x) { return float((double(x) + 0.5) * 0x1p-32); }
+
+// ((y + 0.5) 2^-32 + x) 2^-32: the scalings are exact (powers of two), the addition rounds once in float64 (so an
+// FMA contraction of the first product with the addition gives the same bits), then one rounding to float32.
+FASTDP_HD float uniform64(uint32_t x, uint32_t y) { return float(((double(y) + 0.5) * 0x1p-32 + double(x)) * 0x1p-32); }
 
 // Float32 arithmetic without FMA contraction, so that the host (built with -ffp-contract=off) and the device (nvcc
 // contracts a * b + c into an FMA unless told not to) round every step identically: the normals below are then
@@ -77,7 +88,7 @@ FASTDP_HD float mul(float a, float b) { return a * b; }
 FASTDP_HD float add(float a, float b) { return a + b; }
 #endif
 
-// Natural log of a positive normal float (u >= 2^-33 here). Cephes logf: x = z * 2^k with z in [sqrt(1/2), sqrt(2)),
+// Natural log of a positive normal float (u >= 2^-65 here). Cephes logf: x = z * 2^k with z in [sqrt(1/2), sqrt(2)),
 // ln x = k ln 2 + ln z, ln z = f - f^2/2 + f^3 P(f) with f = z - 1 (exact); ln 2 in two parts so k ln 2 adds exactly.
 // The reduction is integer-only (musl's form: subtract the bits of sqrt(1/2), the arithmetic shift gives k): no select,
 // so AVX2 vectorises it as well as AVX-512. ~1 ulp.
@@ -131,21 +142,27 @@ struct Normals {
   float z0, z1, z2, z3;
 };
 
-// The four normals of one group (lane order). By value throughout: inside `#pragma omp simd` loops an address-taken
-// local becomes a per-lane array in memory and the loop no longer vectorises.
-FASTDP_HD Normals normals(Words w) {
-  const float u0 = uniform(w.x0), u1 = uniform(w.x1), u2 = uniform(w.x2), u3 = uniform(w.x3);
-  const float r01 = sqrtf(mul(-2.0f, logf_cephes(u0)));  // sqrtf is correctly rounded on both sides
-  const float r23 = sqrtf(mul(-2.0f, logf_cephes(u2)));
+// The four normals of one group (lane order) from its words x and its extension words y. By value throughout:
+// inside `#pragma omp simd` loops an address-taken local becomes a per-lane array in memory and the loop no longer
+// vectorises.
+FASTDP_HD Normals normals(Words x, Words y) {
+  const float v0 = uniform64(x.x0, y.x0), u1 = uniform(x.x1), v2 = uniform64(x.x2, y.x2), u3 = uniform(x.x3);
+  const float r01 = sqrtf(mul(-2.0f, logf_cephes(v0)));  // sqrtf is correctly rounded on both sides
+  const float r23 = sqrtf(mul(-2.0f, logf_cephes(v2)));
   float s01, c01, s23, c23;
   sincosf_cephes(mul(kTwoPi, u1), &s01, &c01);
   sincosf_cephes(mul(kTwoPi, u3), &s23, &c23);
   return Normals{mul(r01, c01), mul(r01, s01), mul(r23, c23), mul(r23, s23)};
 }
 
-// Noise element e (one lane). Kernels that need a whole group use group_words + normals instead.
+// The four normals of group g.
+FASTDP_HD Normals group_normals(uint64_t g, uint64_t step, uint64_t seed) {
+  return normals(group_words(g, step, seed), group_words(g | kExtension, step, seed));
+}
+
+// Noise element e (one lane). Kernels that need a whole group use group_normals instead.
 FASTDP_HD float normal_at(uint64_t e, uint64_t step, uint64_t seed) {
-  const Normals z = normals(group_words(e >> 2, step, seed));
+  const Normals z = group_normals(e >> 2, step, seed);
   const uint32_t lane = uint32_t(e & 3);
   return lane == 0 ? z.z0 : lane == 1 ? z.z1 : lane == 2 ? z.z2 : z.z3;
 }

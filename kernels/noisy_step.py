@@ -13,9 +13,10 @@ optimizer's order) and z the counter-based stream of ``fastdp.philox`` (Philox4x
 All arithmetic is fp32 whatever the parameter dtype; the state buffers have the parameter's dtype, as in torch.
 
 Cost: memory-bound. Bytes per element (fp32): 12 (read p, S; write p) for plain SGD, 20 with momentum, 28 for
-Adam. Compute per element: a quarter of one Philox4x32-10 (10 rounds of 2 mul-hi/lo pairs and 4 xors: ~25 integer
-ops), 1 fp64 add + mul for the exact uniform, half a log/sqrt/sin/cos: ~40-60 ops, below the memory bound on any
-recent GPU, so the step costs about one pass over the optimizer state.
+Adam. Compute per element: half a Philox4x32-10 (a group of 4 takes two: its words and the low words of its 64-bit
+radius uniforms; 10 rounds of 2 mul-hi/lo pairs and 4 xors: ~50 integer ops), a few fp64 adds and muls for the exact
+uniforms, half a log/sqrt/sin/cos: ~70-90 ops, below the memory bound on any recent GPU, so the step costs about one
+pass over the optimizer state.
 
 The multi-tensor launch. A parameter list is many tensors of any sizes; one program per BLOCK elements of one
 tensor, all tensors in one grid:
@@ -29,7 +30,7 @@ tensor, all tensors in one grid:
 - a block map, (n_blocks,) tensor index and (n_blocks,) start element, built once per (sizes, offsets, BLOCK)
   and cached on the device. Program q reads its row of the table and handles elements start .. start + BLOCK - 1.
 Block starts are aligned to the noise stream's groups of 4 (a tensor whose offset is not a multiple of 4 starts
-with a partly masked block), so each program computes one Philox call per 4 elements and interleaves the 4
+with a partly masked block), so each program computes two Philox calls per 4 elements and interleaves the 4
 normals with tl.join, instead of one call per element. This beats one flat view because the parameters of an
 nn.Module are separate allocations (a flat view would need a copy in and out, 2x the traffic) and beats a launch
 per tensor (a ResNet has ~150 parameter tensors, most of them tiny). One launch per distinct (param dtype, sum
@@ -80,14 +81,25 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _philox_words(g, seed_lo, seed_hi, step_lo, step_hi):
-    """The four uint32 words of noise group(s) g (int64 tensor) of one (seed, step)."""
+def _philox_words(g, seed_lo, seed_hi, step_lo, step_hi, EXTENSION: tl.constexpr = False):
+    """The four uint32 words of noise group(s) g (int64 tensor) of one (seed, step); with EXTENSION those at counter
+    g + 2^63 (the top bit of the counter's high word: g < 2^61), whose words 0 and 2 extend the radius uniforms."""
     c0 = (g & 0xFFFFFFFF).to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
+    if EXTENSION:
+        c1 = c1 | 0x80000000
     zero = tl.zeros_like(c0)
     c2 = zero + step_lo.to(tl.uint32)
     c3 = zero + step_hi.to(tl.uint32)
     return _philox4x32_10(c0, c1, c2, c3, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+
+
+@triton.jit
+def _uniform64(x, y):
+    # ((y + 0.5) 2^-32 + x) 2^-32 in fp64, rounded to fp32: the reference's operations (fastdp.philox.uniforms64)
+    return (((y.to(tl.float64) + 0.5) * 2.3283064365386963e-10 + x.to(tl.float64)) * 2.3283064365386963e-10).to(
+        tl.float32
+    )
 
 
 @triton.jit
@@ -112,11 +124,13 @@ def _box_muller(u0, u1, INTERP: tl.constexpr):
 
 @triton.jit
 def _philox_normal_block(e0, seed_lo, seed_hi, step_lo, step_hi, INTERP: tl.constexpr, BLOCK: tl.constexpr):
-    """Noise elements e0 .. e0 + BLOCK - 1 (e0 a multiple of 4): one Philox call per group of 4, interleaved."""
+    """Noise elements e0 .. e0 + BLOCK - 1 (e0 a multiple of 4): two Philox calls per group of 4 (its words and
+    its radii's low words, at counter g + 2^63), interleaved."""
     g = (e0 >> 2) + tl.arange(0, BLOCK // 4).to(tl.int64)
     x0, x1, x2, x3 = _philox_words(g, seed_lo, seed_hi, step_lo, step_hi)
-    z0, z1 = _box_muller(_uniform(x0), _uniform(x1), INTERP)
-    z2, z3 = _box_muller(_uniform(x2), _uniform(x3), INTERP)
+    y0, _, y2, _ = _philox_words(g, seed_lo, seed_hi, step_lo, step_hi, EXTENSION=True)
+    z0, z1 = _box_muller(_uniform64(x0, y0), _uniform(x1), INTERP)
+    z2, z3 = _box_muller(_uniform64(x2, y2), _uniform(x3), INTERP)
     # join appends a last axis: [g, i, j] = (z0, z2)[i] if j == 0 else (z1, z3)[i], row-major z0 z1 z2 z3
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
 

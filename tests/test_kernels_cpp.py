@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import tail_groups
 
 from fastdp import _ext
 from fastdp.philox import philox4x32, philox_normal
@@ -164,6 +165,13 @@ def test_philox_normal_matches_reference(n, offset):
     ref = philox_normal(n, SEED, 17, offset)
     assert torch.isfinite(out).all()
     assert ulps(out, ref).max() <= NOISE_ULPS
+
+
+def test_philox_normal_takes_the_radius_low_words():
+    """At the groups whose radius word is small (conftest.tail_groups) a one-word radius is tens of ulps off."""
+    for g in tail_groups(SEED, 17):
+        out = ops.philox_normal_(poisoned((4,), torch.float32), SEED, 17, 4 * g)
+        assert ulps(out, philox_normal(4, SEED, 17, 4 * g)).max() <= NOISE_ULPS, g
 
 
 def test_philox_normal_does_not_depend_on_chunking():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from fastdp.philox import philox4x32, philox_normal
+from fastdp.philox import philox4x32, philox_normal, uniforms, uniforms64
 
 # Random123 kat_vectors, philox4x32_10: counter, key -> output
 KAT = [
@@ -41,3 +43,37 @@ def test_standard_normal_moments():
     assert abs(z.std().item() - 1) < 5 / (2 * n) ** 0.5
     assert abs(z.pow(4).mean().item() - 3) < 5 * (96 / n) ** 0.5
     assert torch.isfinite(z).all()
+
+
+def test_radius_uniforms_take_64_bits_and_reach_the_gaussian_tail():
+    """The radius uniforms come from two words, so the smallest is 2^-65 and |z| reaches sqrt(130 ln 2) = 9.49: from
+    one 32-bit word it would stop at 2^-33 and 6.77, a Gaussian truncated at 6.77 sigma (fastdp.philox docstring)."""
+    word = lambda *v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    v = uniforms64(word(0, 0, 1, 2**24, 2**32 - 1), word(0, 2**32 - 1, 2**31, 5, 2**32 - 1)).double()
+    exact = [2.0**-65, (2.0**32 - 0.5) * 2.0**-64, 1.5 * 2.0**-32 + 2.0**-65, 2.0**-8, 1.0]
+    torch.testing.assert_close(v, torch.tensor(exact, dtype=torch.float64), rtol=2.0**-24, atol=0)
+    assert (v > 0).all() and (v <= 1).all()  # 1 - 2^-65 rounds to 1 in float32: r = 0, as with one word
+    assert math.sqrt(-2 * math.log(v[0])) > 9.49 > 6.78 > math.sqrt(-2 * math.log(uniforms(word(0))[0]))
+    # the high word alone decides the uniform to float32 precision where it is at least 2^24
+    high = word(2**24, 2**30 + 7, 2**32 - 2)
+    for low in (0, 2**32 - 1):
+        torch.testing.assert_close(uniforms64(high, word(low, low, low)), uniforms(high), rtol=2.0**-23, atol=0)
+
+
+def test_tail_groups_tell_one_word_radii_from_two():
+    """Where a group's radius word is small, the normals from a one-word radius differ from the stream's by tens to
+    hundreds of ulps: the backends' tests at these groups (tests/conftest.py::tail_groups) would catch a backend that
+    dropped the extension words (elsewhere the low word is below float32's resolution and changes nothing)."""
+    from conftest import tail_groups
+
+    seed, step = 2**40 + 12345, 17
+    groups = tail_groups(seed, step)
+    assert len(groups) >= 4
+    g = torch.tensor(groups, dtype=torch.int64)
+    x = philox4x32((g & 0xFFFFFFFF, g >> 32, torch.full_like(g, step), torch.zeros_like(g)), (12345, 2**8))
+    one_word = torch.stack([torch.sqrt(-2.0 * torch.log(uniforms(x[j]))) for j in (0, 2)], 1)  # r01, r23
+    z = torch.stack([philox_normal(4, seed, step, offset=4 * int(k)) for k in groups]).view(-1, 2, 2)
+    two_words = z.norm(dim=2)  # |(r cos t, r sin t)| = r
+    small = torch.stack([x[0] < 1 << 12, x[2] < 1 << 12], 1)
+    # 20 float32 ulps of r ~ 5.3 are 1.8e-6 relative; how far one group moves depends on its low word
+    assert ((two_words - one_word).abs()[small] / one_word[small] > 1.8e-6).sum() >= 3
