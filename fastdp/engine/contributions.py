@@ -57,9 +57,9 @@ def views_summed(t: torch.Tensor, augmult: int) -> torch.Tensor:
     return t if augmult == 1 else t.view(-1, augmult, *t.shape[1:]).sum(1)
 
 
-def zero_dropped(w: torch.Tensor, *tensors: torch.Tensor, scaled: int = 0, dim: int = 0) -> list[torch.Tensor]:
-    """``tensors`` (each holding B examples' rows in dimension ``dim``, consecutive per example) with the rows of
-    zero-weight examples exact zeros, the first ``scaled`` of them also multiplied by their example's weight.
+def zero_dropped(w: torch.Tensor, *tensors: torch.Tensor, scaled: int = 0) -> list[torch.Tensor]:
+    """``tensors`` (each B examples' rows, consecutive per example) with the rows of zero-weight examples exact
+    zeros, the first ``scaled`` of them also multiplied by their example's weight.
 
     A dropped (non-finite) example has weight 0, but its rows may hold NaN or inf and 0 * nan = nan: a weighted sum
     must not read them. ``torch.where`` selects instead of multiplying, so the other rows are unchanged bit for bit.
@@ -67,11 +67,10 @@ def zero_dropped(w: torch.Tensor, *tensors: torch.Tensor, scaled: int = 0, dim: 
     drop, B = dropped(w), w.shape[0]
     out = []
     for i, t in enumerate(tensors):
-        rows = t.unflatten(dim, (B, -1))  # (..., B, rows per example, ...): a view, the mask broadcasts over it
-        shape = [1] * rows.dim()
-        shape[dim] = B
+        rows = t.unflatten(0, (B, -1))  # (B, rows per example, ...): a view, the mask broadcasts over it
+        shape = (B, *[1] * (rows.dim() - 1))
         v = rows * w.view(shape).to(t.dtype) if i < scaled else rows
-        out.append(torch.where(drop.view(shape), 0.0, v).flatten(dim, dim + 1))
+        out.append(torch.where(drop.view(shape), 0.0, v).flatten(0, 1))
     return out
 
 
