@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from interleaved import median_ratios, run_rounds
 
 ROUNDS = int(os.environ.get("FASTDP_BENCH_ROUNDS", "3"))
 WARMUP_ROUNDS = 0  # build_step already ran one step (fastdp's planning, Opacus' first-step checks)
@@ -224,21 +224,8 @@ def test_transformer_interleaved(benchmark, scenario, results):
             steps[provider] = build_step(SCENARIOS[scenario], provider)
         except Skip as e:
             results["skipped"].setdefault(scenario, {})[provider] = str(e)
-    names = list(steps)
-    times: dict[str, list[float]] = {p: [] for p in names}
-
-    def one_round():
-        k = len(times[names[0]]) % len(names)
-        for p in names[k:] + names[:k]:
-            start = time.perf_counter()
-            steps[p]()
-            times[p].append(time.perf_counter() - start)
-
-    benchmark.group = f"{scenario}, interleaved"
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    base = times["non-private"]
-    out = {"x_non_private": {p: round(statistics.median(a / b for a, b in zip(t, base, strict=True)), 2)
-                             for p, t in times.items()}}  # fmt: skip
+    times = run_rounds(benchmark, steps, ROUNDS, f"{scenario}, interleaved")
+    out = {"x_non_private": {p: round(r, 2) for p, r in median_ratios(times, "non-private").items()}}
     opacus = [p for p in ("opacus", "opacus-ghost") if p in times]
     if opacus and "fastdp" in times:
         best = [min(times[p][r] for p in opacus) for r in range(ROUNDS)]

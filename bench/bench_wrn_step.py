@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import time
 
 import peak_memory as pm
 import pytest
 import torch
+from interleaved import median_ratios, run_rounds
 
 ROUNDS = 10
 WARMUP_ROUNDS = 2
@@ -120,25 +120,11 @@ def test_wrn16_4_interleaved(benchmark, bench_interleaved):
     for step in steps.values():
         for _ in range(WARMUP_ROUNDS):
             step()
-    names = list(steps)
-    times: dict[str, list[float]] = {p: [] for p in names}
-
-    def one_round():
-        k = len(times[names[0]]) % len(names)
-        for p in names[k:] + names[:k]:
-            start = time.perf_counter()
-            steps[p]()
-            times[p].append(time.perf_counter() - start)
-
-    benchmark.group = "wrn16-4 interleaved rounds, batch 32, cpu"
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    times = run_rounds(benchmark, steps, ROUNDS, "wrn16-4 interleaved rounds, batch 32, cpu")
 
     out = {"rounds": ROUNDS, "median_ms": {p: statistics.median(t) * 1e3 for p, t in times.items()}}
     if "non-private" in times:
-        base = times["non-private"]
-        out["x_non_private"] = {
-            p: statistics.median(a / b for a, b in zip(t, base, strict=True)) for p, t in times.items()
-        }
+        out["x_non_private"] = median_ratios(times, "non-private")
     if "opacus" in times:
         ref = times["opacus"]
         out["speedup_vs_opacus"] = {

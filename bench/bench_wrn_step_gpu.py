@@ -38,7 +38,6 @@ import math
 import os
 import re
 import statistics
-import time
 
 import pytest
 import torch
@@ -50,6 +49,7 @@ if not torch.cuda.is_available() and not CPU_SMOKE:
 pytest.importorskip("pytest_benchmark")
 
 import peak_memory as pm  # noqa: E402  (bench/, on sys.path under pytest as for bench_wrn_step.py)
+from interleaved import median_ratios, run_rounds  # noqa: E402
 
 CUDA = not CPU_SMOKE
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -246,24 +246,12 @@ def test_wrn16_4_interleaved(benchmark):
     for step in steps.values():
         for _ in range(WARMUP_ROUNDS):
             step()
-    names = list(steps)
-    times: dict[str, list[float]] = {p: [] for p in names}
-
-    def one_round():
-        k = len(times[names[0]]) % len(names)
-        for p in names[k:] + names[:k]:
-            start = time.perf_counter()
-            steps[p]()  # ends with a synchronisation
-            times[p].append(time.perf_counter() - start)
-
-    benchmark.group = f"wrn16-4 interleaved rounds, batch {BATCH}, fp32, {DEVICE.type}"
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-
-    base = times["non-private"]
+    # each step ends with a synchronisation
+    times = run_rounds(benchmark, steps, ROUNDS, f"wrn16-4 interleaved rounds, batch {BATCH}, fp32, {DEVICE.type}")
     out = {
         "rounds": ROUNDS,
         "median_ms": {p: statistics.median(t) * 1e3 for p, t in times.items()},
-        "x_non_private": {p: statistics.median(a / b for a, b in zip(t, base, strict=True)) for p, t in times.items()},
+        "x_non_private": median_ratios(times, "non-private"),
     }
     if "opacus" in times:
         ref = times["opacus"]

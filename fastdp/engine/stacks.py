@@ -37,7 +37,7 @@ def gather_stacks(contributions: dict[nn.Parameter, Any]) -> list[Any]:
     """The stacks of the contributions that have same-shape partners (two or more per stack)."""
     groups: dict[tuple, list] = {}
     for p, c in contributions.items():
-        key = c.stack_key() if hasattr(c, "stack_key") else None
+        key = c.stack_key()
         if key is not None:
             groups.setdefault((type(c), key), []).append((p, c))
     stacks = []
