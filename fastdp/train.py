@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import math
 import os
 import re
@@ -504,6 +505,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         finally:
             if lock is not None:
                 lock.release()
+            # The run's optimizer and model sit in reference cycles (the engine's hooks) that hold the destroyed
+            # process group: collect them now, while the interpreter is whole. Left to the interpreter's teardown,
+            # gloo's objects are destroyed with the modules half cleared, which can abort the process (SIGABRT,
+            # "terminate called without an active exception") after a successful run.
+            gc.collect()
 
 
 def _take_run_dir(cfg: TrainConfig, fresh: bool, overwrite: bool) -> run_dir.RunLock | None:

@@ -4,6 +4,7 @@ rank exactly."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -26,8 +27,10 @@ ARGS = [
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastdp.train"]
-    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a rank that aborts prints every thread's Python stack (where it was: a step, a collective, the teardown)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-6000:]}"
     return proc
 
 
