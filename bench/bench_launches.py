@@ -24,6 +24,7 @@ import fastdp
 from fastdp.engine import stacks
 from fastdp.launches import LaunchCounter
 from fastdp.models import build_model
+from fastdp.rules import conv_ghost
 
 #: model -> (input shape, batch, build_model options)
 CASES = {
@@ -63,15 +64,18 @@ def count(model_name: str, private: bool, backend: str = "auto", batch: int | No
 
 
 @contextmanager
-def gpu_stacks():
-    """Stacks of same-shape layers capped as on a GPU (fastdp.engine.stacks): the CPU caps them at 32 MiB, for its
-    allocator's sake, which splits the larger ones into several stacks and costs launches a GPU would not issue."""
-    cpu = stacks.STACK_MAX_BYTES.pop("cpu", None)
+def gpu_sizes():
+    """Work split as on a GPU: the CPU caps the stacks of same-shape layers at 32 MiB (fastdp.engine.stacks, for its
+    allocator's sake) and forms the shifted ghost norm's Gram matrices a few examples at a time
+    (fastdp.rules.conv_ghost, to stay in cache). Both split one launch into several that a GPU would not issue."""
+    tables = (stacks.STACK_MAX_BYTES, conv_ghost.CHUNK_BYTES)
+    cpu = [t.pop("cpu", None) for t in tables]
     try:
         yield
     finally:
-        if cpu is not None:
-            stacks.STACK_MAX_BYTES["cpu"] = cpu
+        for t, v in zip(tables, cpu, strict=True):
+            if v is not None:
+                t["cpu"] = v
 
 
 def report(models=tuple(CASES)) -> list[str]:
@@ -80,9 +84,9 @@ def report(models=tuple(CASES)) -> list[str]:
         plain = count(name, private=False)
         for backend in ["torch"] + [b for b in ("cpp",) if b in fastdp.available_backends()]:
             dp = count(name, private=True, backend=backend)
-            with gpu_stacks():
+            with gpu_sizes():
                 gpu = count(name, private=True, backend=backend).total
-            as_gpu = "" if gpu == dp.total else f" ({gpu}, {gpu / plain.total:.2f}x, with a GPU's stacks)"
+            as_gpu = "" if gpu == dp.total else f" ({gpu}, {gpu / plain.total:.2f}x, with a GPU's stacks and chunks)"
             lines.append(
                 f"{name} ({backend}): {dp.total} launching ops in a DP step{as_gpu}, {plain.total} non-private "
                 f"({dp.total / plain.total:.2f}x); host syncs {dp.total_syncs} vs {plain.total_syncs}; most frequent "

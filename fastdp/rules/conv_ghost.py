@@ -30,8 +30,8 @@ import torch
 #: bytes of Gram matrix formed at a time. On a CPU a few examples' worth, so that the k^n box additions run in cache;
 #: on a GPU the additions stream from memory anyway and each chunk costs ~k^n + 4 launches, so chunks are large (at
 #: 32x32 a Gram matrix is 4 MB: 2 MB chunks would make a batch of 256 cost ~3,000 launches)
-_CHUNK_BYTES = {"cpu": 2 << 20}
-_CHUNK_BYTES_DEFAULT = 256 << 20
+CHUNK_BYTES = {"cpu": 2 << 20}
+CHUNK_BYTES_DEFAULT = 256 << 20
 
 
 def unfolded_ghost(a: torch.Tensor, d: torch.Tensor, per_row: bool, chunk_elems: int = 1 << 24) -> torch.Tensor:
@@ -111,7 +111,7 @@ def shifted_ghost(
 
     xs, ds = per_group_views(x, cin), per_group_views(d, cout)
     rows = B * g
-    chunk = _CHUNK_BYTES.get(x.device.type, _CHUNK_BYTES_DEFAULT)
+    chunk = CHUNK_BYTES.get(x.device.type, CHUNK_BYTES_DEFAULT)
     step = max(1, chunk // (xs.shape[2] ** 2 * xs.element_size()))
     out = []
     for s in range(0, rows, step):

@@ -59,15 +59,20 @@ class GroupNormRule(Rule):
         acc = accum_dtype(x.dtype)
         N, C = x.shape[:2]
         G = m.num_groups
-        d = grad_out.to(acc).reshape(N, G, C // G, -1)
+        d = grad_out.to(acc).reshape(N, C, -1)
+        db = d.sum(2)  # sum_t delta, (N, C)
         out = []
         for name, p in trainable(m, "weight", "bias"):
             if name == "weight":
-                centred = x.to(acc).reshape(N, G, C // G, -1) - mean.to(acc).view(N, G, 1, 1)
-                rows = (d * centred).sum(3) * rstd.to(acc).view(N, G, 1)
+                # rstd * sum_t delta (x - mean) as rstd * (sum_t delta x - mean sum_t delta): two reductions of the
+                # activation and no centred copy of it; the decomposition torch's own GroupNorm backward sums
+                # its weight gradient from
+                ds = torch.linalg.vecdot(d, x.to(acc).reshape(N, C, -1))
+                rows = torch.addcmul(ds.view(N, G, -1), db.view(N, G, -1), mean.to(acc).view(N, G, 1), value=-1.0)
+                rows = rows.mul_(rstd.to(acc).view(N, G, 1)).view(N, C)
             else:
-                rows = d.sum(3)
-            out.append((p, Kept(views_summed(rows.view(N, C), augmult).to(p.dtype))))
+                rows = db
+            out.append((p, Kept(views_summed(rows, augmult).to(p.dtype))))
         return out
 
 

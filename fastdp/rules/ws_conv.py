@@ -116,9 +116,9 @@ class WSConvRule(ConvRule):
         inner, row_sq, per_example = self.weight_contribution(call, x, d, augmult, per_row=True)
         if per_example is not None:
             g = per_example.flatten(2)
-            row_sum, gu = g.sum(2), (g * u.flatten(1)).sum(2)
+            row_sum, gu = g.sum(2), torch.linalg.vecdot(g, jac.u)
         else:
-            gu = views_summed((d * saved[1].to(acc)).flatten(2).sum(2), augmult)
+            gu = views_summed(torch.linalg.vecdot(d.flatten(2), saved[1].to(acc).flatten(2)), augmult)
             row_sum = views_summed(self._row_sums(call, x, d), augmult)
         out: list = []
         for name, param in trainable(m, "weight", "gain", "bias"):
@@ -141,4 +141,5 @@ class WSConvRule(ConvRule):
         ones = x.new_ones(g, 1, *geom.kernel)
         zeros = [0] * len(geom.stride)
         ps = torch.convolution(xs, ones, None, geom.stride, geom.padding, geom.dilation, False, zeros, g)
-        return (d.view(N, g, p // g, -1) * ps.view(N, g, 1, -1)).sum(3).view(N, p)
+        # per (example, group): its rows of delta (p / g, T) times its patch sums (T,), one batched GEMV
+        return torch.bmm(d.reshape(N * g, p // g, -1), ps.reshape(N * g, -1, 1)).view(N, p)
