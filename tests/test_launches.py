@@ -1,4 +1,5 @@
-"""The launch budget of a DP step (issue 12): kernel-launching ops at most 2x the non-private step, no host syncs.
+"""The launch budget of a DP step (issue 12): kernel-launching ops at most 2x the non-private step, 1.5x (the goal)
+for the issue's models, no host syncs.
 
 Counted with fastdp.launches.LaunchCounter over one steady-state step (forward, backward, step, zero_grad) after two
 warm-up steps, on the CPU path of each backend, as bench/bench_launches.py prints them. The counts are a property of
@@ -21,8 +22,12 @@ from fastdp.launches import LaunchCounter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bench_launches import count  # noqa: E402
 
-#: at most this many launching ops per DP step, per non-private step's (the issue's bound; 1.5x is the goal)
+#: at most this many launching ops per DP step, per non-private step's (the issue's bound)
 BUDGET = 2.0
+#: the issue's goal, held by its models (WRN-16-4 and WRN-40-4 1.30-1.34x, NF-ResNet-50 1.13-1.14x, ViT-S
+#: 1.42-1.45x at the batch below; vit-mini, a smaller ViT, 1.59-1.64x)
+GOAL = 1.5
+AT_GOAL = {"wrn-16-4", "wrn-40-4", "nf_resnet50", "vit-s"}
 MODELS = ["wrn-16-4", "wrn-40-4", "nf_resnet50", "vit-s", "vit-mini"]
 BACKENDS = ["torch"] + [b for b in ("cpp",) if b in fastdp.available_backends()]
 
@@ -41,10 +46,10 @@ def test_dp_step_launches_within_budget_and_never_syncs(model, backend):
     plain = non_private(model)
     dp = count(model, private=True, backend=backend, batch=BATCH)
     assert dp.total_syncs == 0, f"host syncs in the DP step: {dict(dp.syncs)}"
-    ratio = dp.total / plain.total
-    assert ratio <= BUDGET, (
+    ratio, bound = dp.total / plain.total, GOAL if model in AT_GOAL else BUDGET
+    assert ratio <= bound, (
         f"{model} ({backend}): {dp.total} launching ops per DP step against {plain.total} non-private ({ratio:.2f}x > "
-        f"{BUDGET}x); most frequent: {dp.launches.most_common(8)}"
+        f"{bound}x); most frequent: {dp.launches.most_common(8)}"
     )
 
 

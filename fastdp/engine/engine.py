@@ -21,6 +21,7 @@ from fastdp.engine.clipping import get_clipping
 from fastdp.engine.contributions import Summed, reducing_with
 from fastdp.engine.flat import Flat
 from fastdp.engine.interface import Contribution, LayerCall, LayerFunction, unflatten_outputs
+from fastdp.engine.norm_groups import grouped_sq_norms
 from fastdp.engine.owned_params import OwnedParams
 from fastdp.engine.planning import Planner
 from fastdp.engine.precision import full_fp32
@@ -388,8 +389,8 @@ class GradSampleEngine:
             groups += gather_stacks({p: c for p, c in merged.items() if p not in grouped})
             grouped = {p for g in groups for p in g.params}
             rest = {p: c for p, c in merged.items() if p not in grouped}
-            parts = [*groups, *rest.values()]
-            sq = parts[0].sq_norm() if len(parts) == 1 else torch.stack([c.sq_norm() for c in parts]).sum(0)
+            sqs = [g.sq_norm() for g in groups] + grouped_sq_norms(rest.values())
+            sq = sqs[0] if len(sqs) == 1 else torch.stack(sqs).sum(0)
             norms = sq.sqrt() * scale
             # branch-free: a non-finite example gets weight 0, and every contribution reads a zero-weight example's
             # rows as exact zeros (the Contribution contract); nothing here asks the host whether one occurred

@@ -65,6 +65,12 @@ class Contribution:
         ``stacked(members)``: one batched norm and one batched sum for same-shape layers (fastdp.engine.stacks)."""
         return None
 
+    def norm_key(self) -> Any:
+        """Contributions of one class and equal keys (not None) have their squared norms taken together by that
+        class's ``sq_norms_together(members)``, which returns the per-example sum of the members' squared norms
+        (fastdp.engine.norm_groups); each is still summed on its own."""
+        return None
+
 
 @dataclass(frozen=True)
 class LayerKernels:

@@ -23,6 +23,8 @@ the result is clamped at 0. Those rows have tiny norms next to the others, so th
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastdp.engine.contributions import Kept, accum_dtype, views_summed
@@ -35,9 +37,10 @@ from fastdp.rules.conv import GHOST_STRATEGIES, ConvRule, bias_grads
 class StandardizationJacobian:
     """J^T for W_hat = s * standardize(W), applied to gradients shaped (..., C_out, *fan_in)."""
 
-    def __init__(self, u: torch.Tensor, std: torch.Tensor, s: torch.Tensor) -> None:
+    def __init__(self, u: torch.Tensor, std: torch.Tensor, s: torch.Tensor, eps: float) -> None:
         self.u = u.flatten(1)  # (p, n)
         self.n = self.u.shape[1]
+        self.std, self.s, self.eps = std, s, float(eps)
         self.factor = s / std  # (p,)
 
     def apply(self, g: torch.Tensor) -> torch.Tensor:
@@ -48,23 +51,61 @@ class StandardizationJacobian:
         out = torch.addcmul(g - g.mean(-1, keepdim=True), self.u, gu, value=-1.0 / self.n)
         return out.mul_(self.factor.unsqueeze(-1)).reshape(shape)
 
-    def sq_norms(self, row_sq: torch.Tensor, row_sum: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
-        """Per-example ||J^T g||^2 from per-row ||g||^2, sum(g), g . u, each (B, p)."""
-        n = self.n
-        # -(2 - ||u||^2 / n) / n per row: the weights' share, (p,)
-        k = torch.linalg.vecdot(self.u, self.u).mul_(1.0 / n**2).sub_(2.0 / n)
-        inner = torch.addcmul(row_sq, row_sum, row_sum, value=-1.0 / n).addcmul_(gu.square(), k)
-        return inner.clamp_min_(0.0) @ self.factor.square()
+
+def _row_constants(rows: tuple[tuple[int, int, float], ...], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1/n, eps) of every row of the layers ``rows`` ((C_out, n, eps) each), end to end, on ``like``'s device and in
+    its dtype: made once per model and device. Not kept for the fake tensors of a dry run (fastdp.engine.dry_run):
+    they belong to the mode that made them."""
+    if type(like) is not torch.Tensor:
+        return _make_row_constants(rows, like.device, like.dtype)
+    return _cached_row_constants(rows, like.device, like.dtype)
+
+
+def _make_row_constants(rows, device, dtype):
+    inv_n = [1.0 / n for p, n, _ in rows for _ in range(p)]
+    eps = [e for p, _, e in rows for _ in range(p)]
+    return torch.tensor(inv_n, dtype=dtype, device=device), torch.tensor(eps, dtype=dtype, device=device)
+
+
+_cached_row_constants = functools.cache(_make_row_constants)
 
 
 class WSWeight(Contribution):
-    """The raw weight's contribution: the conv contribution w.r.t. W_hat seen through J^T."""
+    """The raw weight's contribution: the conv contribution w.r.t. W_hat seen through J^T.
 
-    def __init__(self, inner: Contribution, jac: StandardizationJacobian, sq: torch.Tensor) -> None:
-        self.inner, self.jac, self.sq = inner, jac, sq
+    Its squared norm (module docstring), with ||u||^2 / n = var / (var + eps) = 1 - eps / std^2 (u is defined with
+    the same std):
+
+        ||J^T g||^2 = sum_r f_r^2 max(0, ||g_r||^2 - ((sum g_r)^2 + (g_r . u_r)^2 (1 + eps / std_r^2)) / n),
+
+    f = s / std, from the per-row terms ``row_sq``, ``row_sum``, ``gu`` (B, C_out). The layers' terms side by side
+    give every WS layer's norm in one pass (fastdp.engine.norm_groups).
+    """
+
+    def __init__(self, inner: Contribution, jac: StandardizationJacobian, row_sq, row_sum, gu) -> None:
+        self.inner, self.jac = inner, jac
+        self.row_sq, self.row_sum, self.gu = row_sq, row_sum, gu
 
     def sq_norm(self) -> torch.Tensor:
-        return self.sq
+        return WSWeight.sq_norms_together([self])
+
+    def norm_key(self) -> tuple:
+        return self.row_sq.device, self.row_sq.dtype
+
+    @staticmethod
+    def sq_norms_together(members: list[WSWeight]) -> torch.Tensor:
+        def joined(ts: list[torch.Tensor]) -> torch.Tensor:
+            return ts[0] if len(ts) == 1 else torch.cat(ts, dim=-1)
+
+        row_sq, row_sum, gu = (joined([getattr(m, k) for m in members]) for k in ("row_sq", "row_sum", "gu"))
+        std, s = joined([m.jac.std for m in members]), joined([m.jac.s for m in members])
+        rows = tuple((m.jac.std.shape[0], m.jac.n, m.jac.eps) for m in members)
+        inv_n, eps = _row_constants(rows, row_sq)
+        var_eps = std.square()
+        # ((sum g)^2 + (g . u)^2 (1 + eps / std^2)) / n per row, subtracted from ||g||^2
+        sub = gu.square().mul_((eps / var_eps).add_(1.0)).addcmul_(row_sum, row_sum)
+        inner = torch.addcmul(row_sq, sub, inv_n, value=-1.0).clamp_min_(0.0)
+        return inner @ (s.square() / var_eps)
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         return self.jac.apply(self.inner.weighted_sum(w))
@@ -112,7 +153,7 @@ class WSConvRule(ConvRule):
         B = N // augmult
         info = call.info
         u = info["u"].to(acc)
-        jac = StandardizationJacobian(u, info["std"].to(acc), info["s"].to(acc))
+        jac = StandardizationJacobian(u, info["std"].to(acc), info["s"].to(acc), m.eps)
         inner, row_sq, per_example = self.weight_contribution(call, x, d, augmult, per_row=True)
         if per_example is not None:
             g = per_example.flatten(2)
@@ -123,7 +164,7 @@ class WSConvRule(ConvRule):
         out: list = []
         for name, param in trainable(m, "weight", "gain", "bias"):
             if name == "weight":
-                out.append((param, WSWeight(inner, jac, jac.sq_norms(row_sq, row_sum, gu))))
+                out.append((param, WSWeight(inner, jac, row_sq, row_sum, gu)))
             elif name == "gain":
                 out.append((param, Kept((gu * m.scale).view(B, *param.shape).to(param.dtype))))
             else:
