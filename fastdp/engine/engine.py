@@ -304,6 +304,13 @@ class GradSampleEngine:
         if self._recorder is not None:
             return self._recorder(module, binding, original, lambda out: rule.out_dims(module, out))
         micro = self._micro
+        if module not in self._names:
+            raise ValueError(
+                f"fastdp: a {type(module).__name__} that is not part of the model the optimizer wraps was called with "
+                "fastdp's per-example forward: a copy of the wrapped model? copy.deepcopy copies fastdp's wrapping "
+                "with the modules. Copy the model before building the optimizer, load the wrapped model's "
+                "state_dict() into a fresh instance, or average it with fastdp.EMA."
+            )
         if micro is None:
             raise ValueError(
                 f"fastdp: {self._names.get(module) or 'model'} ({type(module).__name__}) was called with gradients "

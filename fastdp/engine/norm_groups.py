@@ -1,7 +1,7 @@
 """Squared norms of many layers taken together, from small per-row terms of each.
 
 A weight-standardised conv's per-example norm is a short formula over three (B, C_out) per-row terms of its gradient
-(fastdp.rules.ws_conv): ~10 launches per layer for a few KB of data, 160 per step in a WRN-16-4 and 360 in a
+(fastdp.rules.ws_conv): ~10 launches per layer for a few KB of data, ~150 per step in a WRN-16-4 and ~380 in a
 WRN-40-4. The terms of all such layers side by side cost those launches once. Exactness is unaffected: each row's
 term is computed from that row's own values exactly as alone, and the total adds the same per-row terms.
 
