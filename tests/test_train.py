@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import write_payload
 
+import fastdp.optim
 import fastdp.trainer
 from fastdp.accounting import compute_epsilon
 from fastdp.checkpoint import load_checkpoint, save_checkpoint
@@ -285,3 +286,27 @@ def test_a_batch_with_some_finite_gradients_is_not_a_noise_only_step(tmp_path, m
     summary = main(["--steps", "3", "--max-nonfinite-steps", "1", "--log-private-stats", "--out-dir", str(tmp_path),
                     *NONFINITE])  # fmt: skip
     assert summary["finished"] and summary["nonfinite_examples"] >= 3
+
+
+def test_the_run_is_collected_before_the_process_exits(tmp_path, monkeypatch):
+    """The optimizer sits in reference cycles (the engine's hooks) and, under torchrun, holds the process group:
+    fastdp-train collects it before returning, not the interpreter's teardown (where gloo can abort the process).
+    The collector is off here, so only fastdp-train's own collection can free it."""
+    import gc
+    import weakref
+
+    made = []
+    init = fastdp.optim.DPOptimizer.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(fastdp.optim.DPOptimizer, "__init__", recording)
+    gc.collect()
+    gc.disable()
+    try:
+        main(["--steps", "1", "--eval-every", "1", "--out-dir", str(tmp_path), *QUICK])
+        assert made and all(ref() is None for ref in made), "the run's optimizer outlives fastdp-train's main"
+    finally:
+        gc.enable()
