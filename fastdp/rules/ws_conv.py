@@ -40,7 +40,7 @@ class StandardizationJacobian:
     def __init__(self, u: torch.Tensor, std: torch.Tensor, s: torch.Tensor, eps: float) -> None:
         self.u = u.flatten(1)  # (p, n)
         self.n = self.u.shape[1]
-        self.std, self.s, self.eps = std, s, float(eps)
+        self.std, self.eps = std, float(eps)
         self.factor = s / std  # (p,)
 
     def apply(self, g: torch.Tensor) -> torch.Tensor:
@@ -98,14 +98,13 @@ class WSWeight(Contribution):
             return ts[0] if len(ts) == 1 else torch.cat(ts, dim=-1)
 
         row_sq, row_sum, gu = (joined([getattr(m, k) for m in members]) for k in ("row_sq", "row_sum", "gu"))
-        std, s = joined([m.jac.std for m in members]), joined([m.jac.s for m in members])
+        std, factor = joined([m.jac.std for m in members]), joined([m.jac.factor for m in members])
         rows = tuple((m.jac.std.shape[0], m.jac.n, m.jac.eps) for m in members)
         inv_n, eps = _row_constants(rows, row_sq)
-        var_eps = std.square()
         # ((sum g)^2 + (g . u)^2 (1 + eps / std^2)) / n per row, subtracted from ||g||^2
-        sub = gu.square().mul_((eps / var_eps).add_(1.0)).addcmul_(row_sum, row_sum)
+        sub = gu.square().mul_((eps / std.square()).add_(1.0)).addcmul_(row_sum, row_sum)
         inner = torch.addcmul(row_sq, sub, inv_n, value=-1.0).clamp_min_(0.0)
-        return inner @ (s.square() / var_eps)
+        return inner @ factor.square()
 
     def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
         return self.jac.apply(self.inner.weighted_sum(w))
