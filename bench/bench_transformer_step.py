@@ -7,7 +7,8 @@ model from the same seed and steps on the same random batch. A provider Opacus c
 skipped with Opacus' own error. Targets (issue 13): fastdp at most 1.25x the non-private step and at least 1.5x
 faster than the better Opacus mode. Times are never asserted: the summary at the end prints the ratios of this run,
 first from per-provider blocks of rounds, then from interleaved rounds (one step of each provider per round, ratios
-taken within the round, robust to the machine's speed drifting on a shared machine).
+taken within the round, robust to the machine's speed drifting on a shared machine). Every provider steps in a
+process of its own (bench/processes.py: in one process a peer's allocations slow the next provider's step).
 
 Run: python -m pytest bench/bench_transformer_step.py -q --benchmark-disable-gc -p no:cacheprovider
 (``-k interleaved`` for the ratios alone; FASTDP_BENCH_ROUNDS sets the rounds, default 3; FASTDP_BENCH_PROGRESS names
@@ -27,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from interleaved import median_ratios, run_rounds
+from processes import step_processes
 
 ROUNDS = int(os.environ.get("FASTDP_BENCH_ROUNDS", "3"))
 WARMUP_ROUNDS = 0  # build_step already ran one step (fastdp's planning, Opacus' first-step checks)
@@ -155,6 +157,11 @@ def build_step(scenario: Scenario, provider: str):
     return step
 
 
+def build_named(scenario: str, provider: str):
+    """``build_step`` by the scenario's name (what a step's own process is given: bench/processes.py)."""
+    return build_step(SCENARIOS[scenario], provider)
+
+
 def _progress(line: str) -> None:
     """Append a finished scenario's line to $FASTDP_BENCH_PROGRESS (a long run on a loaded machine keeps it)."""
     path = os.environ.get("FASTDP_BENCH_PROGRESS")
@@ -198,18 +205,17 @@ def results() -> dict:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_transformer_step(benchmark, scenario, provider, results):
-    try:
-        step = build_step(SCENARIOS[scenario], provider)
-    except Skip as e:
-        results["skipped"].setdefault(scenario, {})[provider] = str(e)
-        pytest.skip(str(e))
-    benchmark.group = scenario
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+    with step_processes({provider: (build_named, scenario, provider)}, skip=Skip) as (steps, skipped):
+        if skipped:
+            results["skipped"].setdefault(scenario, {}).update(skipped)
+            pytest.skip(skipped[provider])
+        benchmark.group = scenario
+        benchmark.pedantic(steps[provider], rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
     median = statistics.median(benchmark.stats.stats.data)
     results["blocks"].setdefault(scenario, {})[provider] = median
     base = results["blocks"][scenario].get("non-private")
     benchmark.extra_info.update(
-        threads=torch.get_num_threads(), batch=SCENARIOS[scenario].batch, loadavg_1min=round(os.getloadavg()[0], 2),
+        threads=THREADS, batch=SCENARIOS[scenario].batch, loadavg_1min=round(os.getloadavg()[0], 2),
         samples_per_s=round(SCENARIOS[scenario].batch / median, 2),
         ratio_to_non_private=round(median / base, 3) if base else None,
     )  # fmt: skip
@@ -217,14 +223,12 @@ def test_transformer_step(benchmark, scenario, provider, results):
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_transformer_interleaved(benchmark, scenario, results):
-    """All providers in one process, one step of each per round in a rotating order; ratios within each round."""
-    steps = {}
-    for provider in PROVIDERS:
-        try:
-            steps[provider] = build_step(SCENARIOS[scenario], provider)
-        except Skip as e:
-            results["skipped"].setdefault(scenario, {})[provider] = str(e)
-    times = run_rounds(benchmark, steps, ROUNDS, f"{scenario}, interleaved")
+    """Every provider in its own process (bench/processes.py), one step of each per round in a rotating order;
+    ratios within each round."""
+    builds = {p: (build_named, scenario, p) for p in PROVIDERS}
+    with step_processes(builds, skip=Skip) as (steps, skipped):
+        results["skipped"].setdefault(scenario, {}).update(skipped)
+        times = run_rounds(benchmark, steps, ROUNDS, f"{scenario}, interleaved")
     out = {"x_non_private": {p: round(r, 2) for p, r in median_ratios(times, "non-private").items()}}
     opacus = [p for p in ("opacus", "opacus-ghost") if p in times]
     if opacus and "fastdp" in times:

@@ -18,6 +18,7 @@ import peak_memory as pm
 import pytest
 import torch
 from interleaved import median_ratios, run_rounds
+from processes import step_processes
 
 ROUNDS = 10
 WARMUP_ROUNDS = 2
@@ -103,24 +104,22 @@ def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
         extra["speedup_vs_opacus"] = round(ref["median_s"] / median, 3)
 
 
+def step_of(provider: str):
+    """The provider's step alone (what its own process builds: bench/processes.py)."""
+    return pm.build_step(provider)[0]
+
+
 def test_wrn16_4_interleaved(benchmark, bench_interleaved):
-    """All providers in one process, taking turns step by step (a different order every round).
+    """Every provider in its own process (bench/processes.py), taking turns step by step (a different order every
+    round).
 
     The per-provider tests above time each provider in its own block of rounds, so a drift of the machine's speed
     between blocks (a shared VM's neighbours) moves their ratios. Here every round times one step of each
     provider back to back and the ratios are taken within the round; their median is what drift cannot bias.
     """
-    torch.set_num_threads(pm.THREADS)
-    steps = {}
-    for provider in PROVIDERS:
-        try:
-            steps[provider] = pm.build_step(provider)[0]
-        except pm.Skip:
-            continue
-    for step in steps.values():
-        for _ in range(WARMUP_ROUNDS):
-            step()
-    times = run_rounds(benchmark, steps, ROUNDS, "wrn16-4 interleaved rounds, batch 32, cpu")
+    builds = {p: (step_of, p) for p in PROVIDERS}
+    with step_processes(builds, warmup=WARMUP_ROUNDS, skip=pm.Skip) as (steps, _):
+        times = run_rounds(benchmark, steps, ROUNDS, "wrn16-4 interleaved rounds, batch 32, cpu")
 
     out = {"rounds": ROUNDS, "median_ms": {p: statistics.median(t) * 1e3 for p, t in times.items()}}
     if "non-private" in times:
