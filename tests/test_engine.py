@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import BACKENDS, reference, row_loss, run_engine, seed_of, split
 from models import MODELS, Conv2dNet, SharedNet
-from torch import nn
 
 from fastdp.engine import GradSampleEngine
 
@@ -234,16 +233,6 @@ def test_parameter_used_outside_its_module_is_refused():
     GradSampleEngine(model, max_grad_norm=1.0)
     with pytest.raises(RuntimeError, match=r"'a.weight' received an ordinary"):
         model(torch.randn(2, 3)).sum().backward()
-
-
-def test_a_deep_copy_of_the_wrapped_model_is_refused_with_what_to_do():
-    torch.manual_seed(seed_of("deepcopy"))
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    eng = GradSampleEngine(model, max_grad_norm=1.0)
-    twin = copy.deepcopy(model)
-    with pytest.raises(ValueError, match=r"a Linear that is not part of the model the optimizer wraps.*copy"):
-        twin(torch.randn(4, 4)).sum().backward()
-    eng.detach()
 
 
 def test_empty_micro_batch_is_refused_with_what_to_do():

@@ -10,7 +10,7 @@ batch size belong to the optimizer step.
 from __future__ import annotations
 
 import warnings
-from types import MethodType
+from functools import partial
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from fastdp.engine.provenance import (
     signature,
 )
 from fastdp.engine.stacks import gather_stacks
+from fastdp.engine.wrapping import Forward, Hook
 from fastdp.rules import fallback_rule, known_strategies, rule_for
 from fastdp.rules.base import Rule
 
@@ -143,8 +144,8 @@ class GradSampleEngine:
         for name, p in model.named_parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(_leak_guard(name)))
-        self._hooks.append(model.register_forward_pre_hook(self._enter, with_kwargs=True))
-        self._hooks.append(model.register_forward_hook(self._exit, always_call=True))
+        self._hooks.append(model.register_forward_pre_hook(Hook(self._enter), with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(Hook(self._exit), always_call=True))
 
     # ------------------------------------------------------------------ wrapping
     def _attach(self, module: nn.Module, prefix: str) -> None:
@@ -177,12 +178,7 @@ class GradSampleEngine:
 
     def _wrap(self, module: nn.Module, rule: Rule) -> None:
         rule.check(module)
-        engine = self
-
-        def forward(self_module: nn.Module, *args, **kwargs):
-            return engine._run(rule, self_module, args, kwargs)
-
-        module.forward = MethodType(forward, module)
+        module.forward = Forward(module, partial(self._run, rule))
         self._wrapped.append(module)
 
     def detach(self) -> None:
@@ -304,13 +300,6 @@ class GradSampleEngine:
         if self._recorder is not None:
             return self._recorder(module, binding, original, lambda out: rule.out_dims(module, out))
         micro = self._micro
-        if module not in self._names:
-            raise ValueError(
-                f"fastdp: a {type(module).__name__} that is not part of the model the optimizer wraps was called with "
-                "fastdp's per-example forward: a copy of the wrapped model? copy.deepcopy copies fastdp's wrapping "
-                "with the modules. Copy the model before building the optimizer, load the wrapped model's "
-                "state_dict() into a fresh instance, or average it with fastdp.EMA."
-            )
         if micro is None:
             raise ValueError(
                 f"fastdp: {self._names.get(module) or 'model'} ({type(module).__name__}) was called with gradients "

@@ -52,7 +52,6 @@ import operator
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import MethodType
 from typing import Any
 
 import torch
@@ -63,6 +62,7 @@ from fastdp.engine.binding import Binding
 from fastdp.engine.contributions import Kept, accum_dtype
 from fastdp.engine.interface import LayerCall, LayerFunction
 from fastdp.engine.provenance import Batched, ProvenanceError
+from fastdp.engine.wrapping import Forward, Hook
 
 _ELEMENTWISE_NAMES = (
     "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "pow", "float_power", "where",
@@ -210,19 +210,14 @@ class OwnedParams:
         marker = self.markers[module] = OwnedParameters(module, names)
         where = prefix or "model"
         self.engine._names[marker] = f"{where}'s own parameter(s) {', '.join(names)}"
-        owner = self
-
-        def forward(self_module: nn.Module, *args, **kwargs):
-            return owner.run(self_module, args, kwargs)
-
-        module.forward = MethodType(forward, module)
+        module.forward = Forward(module, self.run)
         self.engine._wrapped.append(module)
 
     def guard(self, layers: Sequence[nn.Module]) -> list:
         """Forward pre-hooks that refuse a tracked tensor as a wrapped layer's input (its rows are not per example)."""
         if not self.markers:
             return []
-        return [m.register_forward_pre_hook(self._refuse_tracked_input, with_kwargs=True) for m in layers]
+        return [m.register_forward_pre_hook(Hook(self._refuse_tracked_input), with_kwargs=True) for m in layers]
 
     # ------------------------------------------------------------------ forward
     def run(self, module: nn.Module, args: tuple, kwargs: dict):
