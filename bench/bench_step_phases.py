@@ -3,7 +3,8 @@ the optimizer step, for fastdp's DPSGD against plain SGD on the same model and b
 
 One process, 2 threads, the two providers taking turns phase by phase in every round (a rotating order), medians over
 the rounds: a shared machine's drift moves both alike. The clip step is the engine's end-of-backward pass (norms, clip
-factors, the clipped sums: fastdp.engine.engine.GradSampleEngine._finalize), timed by wrapping it for this run.
+factors, the clipped sums: fastdp.engine.engine.GradSampleEngine._finalize), timed by wrapping it for this run,
+and split into its parts (``ClipParts``: the groups' copies, the norms taken there, the clipped sums).
 
 Run: python bench/bench_step_phases.py MODEL [ROUNDS] [--no-memory-budget]
 MODEL: wrn-16-4 (batch 32), vit-s (patch 4, 32x32, batch 32) or gpt-lm (untied, positions per example, sequence 128,
@@ -21,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import fastdp
-from fastdp.engine.engine import GradSampleEngine
+from fastdp.engine import engine as engine_module
+from fastdp.engine.flat import Flat
 from fastdp.models import build_model
+from fastdp.rules.linear import LinearStack
 
 THREADS = 2
 
@@ -39,18 +42,45 @@ def _model_and_batch(name: str):
     return build, x, y, lambda out: F.cross_entropy(out, y)
 
 
+class ClipParts:
+    """Seconds of the clip step's parts, summed since the last ``clear``: the groups formed (the stacks' copies of
+    their layers' operands), the squared norms taken there (flat buffers, stacks, the rest: the ghost norms of
+    book-keeping Linear layers are taken here, a conv's during its backward), and the whole step (the clipped sums
+    are the remainder)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.steps: list[float] = []
+        self._wrap(engine_module.GradSampleEngine, "_finalize", "clip step", record=True)
+        self._wrap(engine_module.Flat, "gather", "grouping")
+        self._wrap(engine_module, "gather_stacks", "grouping")
+        self._wrap(engine_module, "grouped_sq_norms", "norms")
+        self._wrap(Flat, "sq_norm", "norms")
+        self._wrap(LinearStack, "sq_norm", "norms")
+
+    def _wrap(self, owner, attr: str, part: str, record: bool = False) -> None:
+        inner = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            spent = time.perf_counter() - start
+            self.seconds[part] = self.seconds.get(part, 0.0) + spent
+            if record:
+                self.steps.append(spent)
+            return out
+
+        setattr(owner, attr, staticmethod(timed) if isinstance(vars(owner).get(attr), staticmethod) else timed)
+
+    def clear(self) -> None:
+        self.seconds.clear()
+        self.steps.clear()
+
+
 def main(name: str, rounds: int = 10, memory_budget: bool = True) -> None:
     torch.set_num_threads(THREADS)
     build, x, y, loss_of = _model_and_batch(name)
-    clip: list[float] = []
-    finalize = GradSampleEngine._finalize
-
-    def timed_finalize(self):
-        start = time.perf_counter()
-        finalize(self)
-        clip.append(time.perf_counter() - start)
-
-    GradSampleEngine._finalize = timed_finalize
+    parts = ClipParts()
     runs = {}
     for provider in ("non-private", "fastdp"):
         torch.manual_seed(0)
@@ -85,7 +115,7 @@ def main(name: str, rounds: int = 10, memory_budget: bool = True) -> None:
     for v in phases.values():
         for t in v.values():
             t.clear()
-    clip.clear()
+    parts.clear()
     names = list(runs)
     for r in range(rounds):
         for provider in names[r % 2 :] + names[: r % 2]:
@@ -96,7 +126,11 @@ def main(name: str, rounds: int = 10, memory_budget: bool = True) -> None:
     print(f"{name}, {rounds} rounds, {THREADS} threads, fastdp with the {budget}; medians in ms:")
     for p, v in ms.items():
         print(f"  {p:<12} " + "  ".join(f"{k} {t:7.1f}" for k, t in v.items()) + f"  sum {total[p]:7.1f}")
-    print(f"  fastdp's clip step (inside its backward): {statistics.median(clip) * 1e3:.1f}")
+    print(f"  fastdp's clip step (inside its backward): {statistics.median(parts.steps) * 1e3:.1f}")
+    mean = {k: v / rounds * 1e3 for k, v in parts.seconds.items()}
+    sums = mean["clip step"] - mean.get("grouping", 0.0) - mean.get("norms", 0.0)
+    print(f"    of it, mean per step: grouping (stack copies) {mean.get('grouping', 0.0):.1f}, norms "
+          f"{mean.get('norms', 0.0):.1f}, clip factors and clipped sums {sums:.1f}")  # fmt: skip
     print(f"  sum of medians, fastdp / non-private: {total['fastdp'] / total['non-private']:.2f}x")
 
 

@@ -8,7 +8,7 @@ skipped with Opacus' own error. Targets (issue 13): fastdp at most 1.25x the non
 faster than the better Opacus mode. Times are never asserted: the summary at the end prints the ratios of this run,
 first from per-provider blocks of rounds, then from interleaved rounds (one step of each provider per round, ratios
 taken within the round, robust to the machine's speed drifting on a shared machine). Every provider steps in a
-process of its own (bench/processes.py: in one process a peer's allocations slow the next provider's step).
+process of its own, with a heap of its own (bench/processes.py).
 
 Run: python -m pytest bench/bench_transformer_step.py -q --benchmark-disable-gc -p no:cacheprovider
 (``-k interleaved`` for the ratios alone; FASTDP_BENCH_ROUNDS sets the rounds, default 3; FASTDP_BENCH_PROGRESS names
