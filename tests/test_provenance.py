@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS, reference, row_loss, run_engine, split
+from conftest import BACKENDS, reference, row_loss, run_engine, seed_of, split
 from torch import nn
 
 from fastdp.engine import GradSampleEngine
@@ -180,6 +180,119 @@ def test_inputs_the_engine_cannot_attribute_are_refused_by_name(model, inputs, m
         m(x)
     # one example has every row to itself: exact whatever the provenance, nothing to refuse
     m(x[:1]).square().sum().backward()
+
+
+class TrainingOnly(nn.Module):
+    """Two Linear layers with a parameter-free step between them, and after them, that mixes the examples only in
+    training mode (eval mode, where the probe looks, is per example)."""
+
+    def __init__(self, between: str = "none", after: str = "none") -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.drop = nn.Dropout(0.3)
+        self.b = nn.Linear(5, 3)
+        self.between, self.after = between, after
+
+    @staticmethod
+    def mix(h: torch.Tensor, how: str) -> torch.Tensor:
+        if how == "center":  # batch statistics taken in training mode only
+            return h - h.mean(0, keepdim=True)
+        if how == "mixup":
+            return 0.7 * h + 0.3 * h.roll(1, 0)
+        if how == "shuffle":  # a random reordering (from a seed of its own: with 4 rows the identity is 1 in 24)
+            return h[torch.randperm(h.shape[0], generator=torch.Generator().manual_seed(1))]
+        if how == "swap":  # a fixed reordering of two examples that are neither the first nor the last
+            return h[[0, 2, 1, *range(3, h.shape[0])]]
+        if how == "one-way":  # rows 2-3 read rows 0-1, not the other way round (an example whose bits are a subset)
+            return torch.cat([h[:2], h[2:4] + h[:2], h[4:]])
+        return h
+
+    def forward(self, x):
+        h = self.drop(torch.tanh(self.a(x)))
+        if self.training:
+            h = self.mix(h, self.between)
+        out = self.b(h)
+        return self.mix(out, self.after) if self.training else out
+
+
+@pytest.mark.parametrize("how", ["center", "mixup", "shuffle", "swap", "one-way"])
+@pytest.mark.parametrize("where", ["between", "after"])
+@pytest.mark.parametrize("augmult", [1, 2])
+def test_a_forward_that_mixes_examples_only_in_training_mode_is_refused(how, where, augmult):
+    """The probe classifies the calls in eval mode; a training forward that mixes the examples there (where eval mode
+    does not) is refused, naming the layer whose input it mixes (or the output), never trained on silently."""
+    torch.manual_seed(seed_of(f"training-only-{how}-{where}-{augmult}"))
+    model = TrainingOnly(**{where: how})
+    GradSampleEngine(model, max_grad_norm=1.0, augmult=augmult)
+    x = torch.randn(4 * augmult, 4)
+    match = (
+        r"input of b \(Linear\) changes for examples that did not" if where == "between" else r"model's output changes"
+    )
+    with pytest.raises(ProvenanceError, match=r"in training mode.*" + match):
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # evaluation mixes nothing
+
+
+@pytest.mark.parametrize("how", ["center", "swap", "none"])
+def test_the_training_check_of_a_large_batch_runs_on_its_first_examples(how):
+    """20 examples: the check runs on the first 8 (TRAINING_CHECK_EXAMPLES) and still sees the mixing; a model that
+    mixes nothing trains, its dropout masks those of a plain model."""
+    torch.manual_seed(seed_of(f"training-check-large-{how}"))
+    model = TrainingOnly(between=how)
+    plain = TrainingOnly(between=how)
+    plain.load_state_dict(model.state_dict())
+    GradSampleEngine(model, max_grad_norm=1.0)
+    x = torch.randn(20, 4)
+    if how != "none":
+        with pytest.raises(ProvenanceError, match=r"in training mode, the input of b \(Linear\) changes"):
+            model(x)
+        return
+    state = torch.get_rng_state()
+    out = model(x)
+    out.sum().backward()
+    torch.set_rng_state(state)
+    torch.testing.assert_close(out, plain(x))
+
+
+class CenteredOutput(nn.Module):
+    """Logits centred over the batch in both modes: the mixing is after the last layer, whose input is per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.fc(x)
+        return out - out.mean(0, keepdim=True)
+
+
+def test_an_output_that_mixes_examples_after_the_last_layer_is_refused():
+    """Every wrapped input is per example, but each example's loss reaches the others' rows through the output."""
+    torch.manual_seed(seed_of("centered-output"))
+    model = CenteredOutput()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    with pytest.raises(ProvenanceError, match=r"fastdp: the model's output changes for examples that did not change"):
+        model(torch.randn(4, 4))
+    model(torch.randn(1, 4)).sum().backward()  # one example: its own batch
+
+
+@pytest.mark.parametrize("augmult", [1, 2])
+def test_dropout_in_training_mode_is_not_taken_for_mixing(augmult):
+    """Dropout draws other masks for other rows, yet each example's rows stay its own: the training-mode check runs
+    both of its forwards from one RNG state and passes; the step then draws the masks a plain model draws."""
+    torch.manual_seed(seed_of(f"dropout-training-{augmult}"))
+    model = TrainingOnly()
+    plain = TrainingOnly()
+    plain.load_state_dict(model.state_dict())
+    GradSampleEngine(model, max_grad_norm=1.0, augmult=augmult)
+    x, t = torch.randn(4 * augmult, 4), torch.randn(4 * augmult, 3)
+    state = torch.get_rng_state()
+    out = model(x)  # probes (eval mode, then the training-mode check), then runs
+    row_loss(out, t).mean().backward()
+    torch.set_rng_state(state)
+    torch.testing.assert_close(out, plain(x))
 
 
 def test_layer_called_outside_the_models_forward_is_refused():

@@ -33,6 +33,7 @@ from fastdp.engine.provenance import (
     Shared,
     feed,
     first_batch_tensor,
+    mixing_in_training_mode,
     probe,
     quiet_model,
     signature,
@@ -120,8 +121,10 @@ class GradSampleEngine:
         #: the running clipped sums of this logical batch's groups (flat buffers, stacks), with the views ``summed``
         #: holds of them
         self._group_sums: dict[tuple, tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]] = {}
-        #: the provenance of every wrapped call, by the model input's signature (fastdp.engine.provenance)
+        #: the provenance of every wrapped call, by the model input's signature (fastdp.engine.provenance), and why a
+        #: forward of that signature mixes the examples (None when it does not: see ``_exit``)
         self.layouts: dict[tuple, dict[tuple[nn.Module, int], CallLayout]] = {}
+        self.refusals: dict[tuple, str | None] = {}
         self._pass: dict[nn.Parameter, list[Contribution]] | None = None
         self._pass_examples = 0
         self._bypass = False
@@ -213,7 +216,7 @@ class GradSampleEngine:
         self._depth = max(0, self._depth - 1)
         if self._depth or self._micro is None:
             return
-        self._micro = None
+        micro, self._micro = self._micro, None
         self._check_forced_strategy()
         changed = [n for n, v in _buffer_versions(model).items() if self._buffer_versions.get(n) != v]
         copies, self._buffer_copies = self._buffer_copies, None
@@ -229,6 +232,10 @@ class GradSampleEngine:
                 "fixed), or do not keep them (e.g. track_running_stats=False)."
             )
         self._buffers_checked = self._buffers_checked or model.training
+        if micro.refusal is not None:
+            # raised here, after the forward, so that a layer's own refusal (more specific) and the buffers' come
+            # first; the output never reaches a loss
+            raise ProvenanceError(micro.refusal)
 
     def _check_forced_strategy(self) -> None:
         """After the first planned forward: a forced strategy that no layer offers is said once, not silently planned
@@ -267,13 +274,16 @@ class GradSampleEngine:
         examples = rows // self.augmult
         if examples == 1:
             return _MicroBatch(examples, None)  # every row belongs to the one example: nothing to attribute
-        key = signature((args, kwargs), rows)
+        # with whether any module trains: the probe checks the training forward only then (a refusal of it says
+        # nothing of an evaluation with gradients of the same shapes)
+        key = (signature((args, kwargs), rows), any(m.training for m in self.model.modules()))
         layout = self.layouts.get(key)
         if layout is None:
-            layout = self.layouts[key] = self._probe(args, kwargs, examples)
-        return _MicroBatch(examples, layout)
+            layout, self.refusals[key] = self._probe(args, kwargs, examples)
+            self.layouts[key] = layout
+        return _MicroBatch(examples, layout, self.refusals[key])
 
-    def _probe(self, args: tuple, kwargs: dict, examples: int) -> dict:
+    def _probe(self, args: tuple, kwargs: dict, examples: int) -> tuple[dict, str | None]:
         def run(a, recorder: Recorder):
             self._recorder = recorder
             try:
@@ -281,8 +291,13 @@ class GradSampleEngine:
             finally:
                 self._recorder = None
 
-        with quiet_model(self.model):
-            return probe(run, (args, kwargs), examples, self.augmult, self._names)
+        with quiet_model(self.model) as quiet:
+            layout, refusal = probe(run, (args, kwargs), examples, self.augmult, self._names)
+            if refusal is None and quiet.trains:
+                with quiet.in_training_mode():
+                    refusal = mixing_in_training_mode(run, (args, kwargs), examples, self.augmult, layout, self._names,
+                                                      quiet.reset_rng)  # fmt: skip
+        return layout, refusal
 
     def _run(self, rule: Rule, module: nn.Module, args: tuple, kwargs: dict):
         # frozen layers need no attribution (the probe skips them too); without gradients there is nothing to clip
@@ -445,11 +460,12 @@ class GradSampleEngine:
 
 
 class _MicroBatch:
-    """One forward's micro-batch: N examples, the probed provenance of each wrapped call (None when N == 1), and how
-    many times each module has been called so far."""
+    """One forward's micro-batch: N examples, the probed provenance of each wrapped call (None when N == 1), why
+    the probe found it mixes the examples (None: it does not), and how many times each module has been called so
+    far."""
 
-    def __init__(self, examples: int, layout: dict | None) -> None:
-        self.examples, self.layout = examples, layout
+    def __init__(self, examples: int, layout: dict | None, refusal: str | None = None) -> None:
+        self.examples, self.layout, self.refusal = examples, layout, refusal
         self.count: dict[nn.Module, int] = {}
 
     def rows_of(

@@ -33,9 +33,15 @@ says holds the batch (dim 1 for ``nn.LSTM(batch_first=False)``), so a call's pro
 mask without a batch dimension is shared and broadcast by the layer; only a call none of whose inputs is batched has
 its data inputs expanded (its output would otherwise carry no batch dimension).
 
+The probe runs in eval mode, where dropout draws no masks that would tell its runs apart. A model may mix the
+examples only in training mode, though (batch statistics taken only then, mixup or a shuffle inside the forward):
+``mixing_in_training_mode`` runs the training forward on altered copies of the batch, every run from the same RNG state,
+and refuses any mixing it sees there.
+
 With one example (N = 1) every row belongs to it, so every call is exact with m = all of its rows; no probe is needed.
 The probe restores the RNG states, the modules' training flags and every buffer, so it changes nothing a run computes.
-Its cost is a few forwards without gradients per new input signature (shapes apart from the batch size).
+Its cost is a few forwards without gradients per new input signature (shapes apart from the batch size), plus
+7 in training mode on 8 examples.
 """
 
 from __future__ import annotations
@@ -75,6 +81,10 @@ Provenance = Batched | Shared
 CallKey = tuple[nn.Module, int]
 #: the provenance of each tensor input of one call, in call order (fastdp.engine.binding)
 CallLayout = tuple[Provenance, ...]
+
+
+#: examples the training-mode check runs on (the first ones of the micro-batch): 1 + 2 log2 of it forwards
+TRAINING_CHECK_EXAMPLES = 8
 
 
 class ProvenanceError(ValueError):
@@ -191,9 +201,9 @@ def expand_shared(x: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
 
 def probe(
     run: Callable[[Any, Recorder], Any], args: Any, examples: int, augmult: int, names: dict[nn.Module, str]
-) -> dict[CallKey, CallLayout]:
+) -> tuple[dict[CallKey, CallLayout], str | None]:
     """The provenance of the tensor inputs of every wrapped call of the forward ``run(args, recorder)`` (see the
-    module docstring).
+    module docstring), and why the forward cannot be trained on when its outputs mix the examples (else None).
 
     Args:
         run: runs the model's forward on ``args`` with the wrapped layers reporting to ``recorder``.
@@ -272,6 +282,9 @@ def probe(
                 "tensor without a batch dimension (e.g. torch.arange(t), shared by all examples), or rows that belong "
                 "to one example each."
             )
+    # the model's outputs: example 0's change must stay in its rows (engine: refused after the forward)
+    kept = torch.arange(examples) > 0
+    moved = not all(_unchanged(x, y, kept) for x, y in zip(_tensors(outs["A"]), _tensors(outs["D"]), strict=True))
     shared = [key for key, entry in layout.items() if entry and not any(isinstance(p, Batched) for p in entry)]
     if shared:
         try:
@@ -287,7 +300,7 @@ def probe(
                 f"(e.g. positions expanded to the batch: torch.arange(t).expand({rows}, t))."
                 + (f" (With the copies the forward failed: {type(failure).__name__}: {failure}.)" if failure else "")
             ) from failure
-    return layout
+    return layout, output_mixing() if moved else None
 
 
 def _rows_per_example(xa: torch.Tensor, xr: torch.Tensor, xd: torch.Tensor, examples: int) -> int:
@@ -335,6 +348,109 @@ def _copy_block(x: torch.Tensor, m: int) -> torch.Tensor:
     return x
 
 
+def mixing_in_training_mode(
+    run: Callable[[Any, Recorder], Any],
+    args: Any,
+    examples: int,
+    augmult: int,
+    layout: dict[CallKey, CallLayout],
+    names: dict[nn.Module, str],
+    reset_rng: Callable[[], None],
+) -> str | None:
+    """Why the training forward cannot be trained on (it mixes the examples where the eval-mode probe saw no mixing),
+    or None.
+
+    The probe runs in eval mode (dropout masks do not roll with the examples), but a module may mix examples only in
+    training mode: batch statistics taken only then, mixup or a shuffle inside the model. Per-example gradients do
+    not exist for such a forward and DP-SGD's bound on one example's influence would not hold, so it is refused (by
+    the engine, after the forward: a layer's own, more specific refusal comes first).
+
+    The forwards run in the training flags the forward found, each from the same RNG state (so their random draws,
+    dropout masks included, are the same). After one on the batch as given, each of the others changes the examples
+    whose bit k (k < ceil(log2 N)) is 1, or those whose bit k is 0, to a copy of example i + 2^k (mod N); the
+    examples it leaves as they are must keep their rows in every batched input of a wrapped call and in every
+    per-example output. Any two examples i != j differ in some bit, so some forward changes i and not j: whatever
+    mixing makes j's rows depend on i is seen there. Identical examples only make fewer rows change, which is never
+    refused. The forwards take the first ``TRAINING_CHECK_EXAMPLES`` examples of the batch (the layout does not
+    depend on the batch size): 7 forwards of 8 examples, whatever N.
+    """
+    full = examples * augmult
+    examples = min(examples, TRAINING_CHECK_EXAMPLES)
+    rows = examples * augmult
+    args = tree_map(lambda t: t[:rows] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == full else t,
+                    args)  # fmt: skip
+    idx = torch.arange(examples)
+
+    def changed(k: int, side: int) -> tuple[torch.Tensor, Callable[[Any], Any]]:
+        moves = (idx >> k) & 1 == side
+        src = torch.where(moves, (idx + (1 << k)) % examples, idx)
+
+        def change(t: Any) -> Any:
+            if not (isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows):
+                return t
+            blocks = t.view(examples, augmult, *t.shape[1:])
+            return blocks[src.to(t.device)].reshape(t.shape)
+
+        return ~moves, change
+
+    def forward(a: Any) -> tuple[Recorder, Any]:
+        reset_rng()
+        rec = Recorder(examples, rows)
+        return rec, run(a, rec)
+
+    rec_a, out_a = forward(args)
+    keys = [k for k, _, _ in rec_a.calls]
+    for k, side in ((k, side) for k in range((examples - 1).bit_length()) for side in (1, 0)):
+        kept, change = changed(k, side)
+        rec, out = forward(tree_map(change, args))
+        if [c for c, _, _ in rec.calls] != keys or any(c not in layout for c in keys):
+            return (
+                "fastdp: in training mode the model calls its layers in another order than in eval mode, or in "
+                "another order when examples of the micro-batch change, so the engine cannot tell which rows of each "
+                "layer belong to which example. Make the sequence of layer calls independent of the data and of "
+                "train/eval mode."
+            )
+        for (key, xas, labels), (_, xds, _) in zip(rec_a.calls, rec.calls, strict=True):
+            for j, (xa, xd, prov) in enumerate(zip(xas, xds, layout[key], strict=True)):
+                if not isinstance(prov, Batched):
+                    continue
+                if prov.dim is not None:
+                    xa, xd = _seq_first(xa, xd)
+                if not _unchanged(xa, xd, kept):
+                    return (
+                        f"fastdp: in training mode, the input{_which(labels, j)} of {_describe(key, names)} changes "
+                        "for examples that did not change when others did (in eval mode it does not): the training "
+                        "forward mixes the examples (batch statistics taken in training mode, mixup or a shuffle "
+                        "inside the model, random draws that depend on the data). Per-example gradients do not exist "
+                        "for it, and DP-SGD's guarantee would not hold. Make the training forward treat every example "
+                        "on its own."
+                    )
+        if not all(_unchanged(x, y, kept) for x, y in zip(_tensors(out_a), _tensors(out), strict=True)):
+            return output_mixing("in training mode")
+    return None
+
+
+def output_mixing(mode: str = "") -> str:
+    """The refusal of a forward whose per-example outputs move for examples that did not change."""
+    when = f" {mode}" if mode else ""
+    return (
+        f"fastdp:{when} the model's output changes for examples that did not change when others did: the forward "
+        "mixes the examples after its last layer with parameters or inside a layer (batch statistics, mixup, a "
+        "shuffle, bags or windows that cross examples). Each example's loss would then reach the other examples' "
+        "gradients, and DP-SGD's guarantee would not hold. Make the forward treat every example on its own."
+    )
+
+
+def _unchanged(a: torch.Tensor, b: torch.Tensor, kept: torch.Tensor) -> bool:
+    """Whether ``b`` equals ``a`` in the rows of the ``kept`` examples, for a tensor of N * m rows (per example,
+    example-major); a tensor that is not per example (a loss over the batch) has nothing to compare."""
+    examples = kept.shape[0]
+    if a.dim() == 0 or a.shape[0] % examples or a.shape != b.shape:
+        return True
+    rows = kept.to(a.device).repeat_interleave(a.shape[0] // examples)
+    return _close(a[rows], b[rows])
+
+
 def _tensors(out: Any) -> list[torch.Tensor]:
     leaves, _ = tree_flatten(out)
     return [t for t in leaves if isinstance(t, torch.Tensor)]
@@ -359,31 +475,57 @@ def _only_example_zero_moved(a: Any, b: Any, examples: int) -> bool:
     return True
 
 
+class Quiet:
+    """What ``quiet_model`` hands its block: the modules' training flags as the forward found them, and a way back
+    to the RNG states it found."""
+
+    def __init__(self, training: dict[nn.Module, bool]) -> None:
+        self.training = training
+        self._cpu_rng = torch.get_rng_state()
+        self._cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    @property
+    def trains(self) -> bool:
+        return any(self.training.values())
+
+    def reset_rng(self) -> None:
+        torch.set_rng_state(self._cpu_rng)
+        if self._cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self._cuda_rng)
+
+    @contextmanager
+    def in_training_mode(self) -> Iterator[None]:
+        """The modules' training flags as the forward found them (still no gradients), eval mode again after."""
+        for m, flag in self.training.items():
+            m.training = flag
+        try:
+            yield
+        finally:
+            for m in self.training:
+                m.training = False
+
+
 @contextmanager
-def quiet_model(model: nn.Module) -> Iterator[None]:
+def quiet_model(model: nn.Module) -> Iterator[Quiet]:
     """Eval mode, no gradients, and the RNG states, training flags and buffers restored afterwards.
 
     torch's fused transformer kernels (``nn.TransformerEncoderLayer``'s fast path) are off meanwhile: they run in eval
     mode without gradients and bypass the submodules' forwards, so the probe would not see the calls that training
     makes.
     """
-    training = {m: m.training for m in model.modules()}
+    quiet = Quiet({m: m.training for m in model.modules()})
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     model.eval()
     try:
         with torch.no_grad():
-            yield
+            yield quiet
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, flag in training.items():
+        for m, flag in quiet.training.items():
             m.training = flag
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        quiet.reset_rng()
