@@ -1,7 +1,8 @@
 """WRN-16-4 (GroupNorm, plain convs) full training step, batch 32, CIFAR-shaped input, float32, 2 CPU threads.
 
 Providers: non-private SGD, fastdp DPSGD, Opacus hooks (GradSampleModule + DPOptimizer), Opacus ghost clipping.
-Every provider builds a fresh model from the same seed and steps on the same random batch. Peak memory is
+Every provider builds a fresh model from the same seed and steps on the same random batch, in a process of its own
+(bench/processes.py). Peak memory is
 measured in a fresh subprocess (see peak_memory.py). Ratios are printed at the end of the session by
 conftest.py. Times are never asserted.
 
@@ -16,7 +17,6 @@ import statistics
 
 import peak_memory as pm
 import pytest
-import torch
 from interleaved import median_ratios, run_rounds
 from processes import step_processes
 
@@ -45,18 +45,17 @@ PROVIDERS = ["non-private", "opacus", "opacus-ghost", "fastdp", "fastdp-nobudget
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
-    torch.set_num_threads(pm.THREADS)
-    try:
-        step, info = pm.build_step(provider)
-    except pm.Skip as e:
-        bench_skipped[provider] = str(e)
-        pytest.skip(str(e))
+    # the provider's step in a process of its own (bench/processes.py); its info (the plan) read there after the steps
+    with step_processes({provider: (pm.build_step, provider)}, skip=pm.Skip) as (steps, skipped):
+        if skipped:
+            bench_skipped[provider] = skipped[provider]
+            pytest.skip(skipped[provider])
+        benchmark.group = "wrn16-4 step, batch 32, cpu"
+        benchmark.pedantic(steps[provider], rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+        info = steps[provider].info()
 
-    benchmark.group = "wrn16-4 step, batch 32, cpu"
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
-
-    # peak memory in a fresh process (nothing of this process' state leaks into it), running the plan timed here
-    plan = info["plan_state"]() if "plan_state" in info else None
+    # peak memory in a fresh process (nothing of this process' state leaks into it), running the plan timed there
+    plan = info.get("plan_state")
     mem = pm.peak_step_memory_info(provider, steps=3, plan=plan)
     if "skip" in mem:
         bench_skipped[provider] = mem["skip"]
@@ -65,7 +64,7 @@ def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
     median = statistics.median(benchmark.stats.stats.data)
     result = {
         "device": _device_name(),
-        "threads": torch.get_num_threads(),
+        "threads": pm.THREADS,
         "batch": pm.BATCH,
         "rounds": ROUNDS,
         "median_s": median,
@@ -78,7 +77,7 @@ def test_wrn16_4_step(benchmark, provider, bench_results, bench_skipped):
         **{k: v for k, v in info.items() if k not in ("provider", "plan", "plan_state")},
     }
     if "plan" in info:
-        result["plan"] = info["plan"]()
+        result["plan"] = info["plan"]
     bench_results[provider] = result
 
     extra = benchmark.extra_info

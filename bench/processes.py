@@ -21,17 +21,21 @@ from contextlib import contextmanager
 from typing import Any
 
 
-def _serve(conn, build: Callable[..., Callable[[], None]], args: tuple, warmup: int) -> None:
+def _serve(conn, build: Callable[..., Any], args: tuple, warmup: int) -> None:
     try:
-        step = build(*args)
+        built = build(*args)
+        step, info = built if isinstance(built, tuple) else (built, {})
         for _ in range(warmup):
             step()
     except BaseException as e:  # noqa: BLE001 - the parent re-raises it
         conn.send(("raised", _portable(e)))
         return
     conn.send(("ready", None))
-    while conn.recv():
+    while (request := conn.recv()) is not None:
         try:
+            if request == "info":  # read now: a plan is made by the first step
+                conn.send(("done", {k: v() if callable(v) else v for k, v in info.items()}))
+                continue
             step()
         except BaseException as e:  # noqa: BLE001
             conn.send(("raised", _portable(e)))
@@ -51,9 +55,13 @@ def _portable(e: BaseException) -> BaseException:
 
 
 class StepProcess:
-    """One provider's step in its own process: calling the object runs one step there and returns when it is done."""
+    """One provider's step in its own process: calling the object runs one step there and returns when it is done.
 
-    def __init__(self, build: Callable[..., Callable[[], None]], *args: Any, warmup: int = 0) -> None:
+    ``build(*args)`` returns the step, or ``(step, info)`` with ``info`` a dict whose values (or, for a callable, what
+    it returns when asked) ``info()`` hands back.
+    """
+
+    def __init__(self, build: Callable[..., Any], *args: Any, warmup: int = 0) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, build, args, warmup), daemon=True)
@@ -62,13 +70,17 @@ class StepProcess:
         self._answer()
 
     def __call__(self) -> None:
-        self._conn.send(True)
+        self._conn.send("step")
         self._answer()
+
+    def info(self) -> dict:
+        self._conn.send("info")
+        return self._answer()
 
     def close(self) -> None:
         if self._proc.is_alive():
             try:
-                self._conn.send(False)
+                self._conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
             self._proc.join(timeout=30)
@@ -77,7 +89,7 @@ class StepProcess:
             self._proc.join()
         self._conn.close()
 
-    def _answer(self) -> None:
+    def _answer(self) -> Any:
         try:
             kind, payload = self._conn.recv()
         except EOFError:
@@ -86,6 +98,7 @@ class StepProcess:
         if kind == "raised":
             self.close()
             raise payload
+        return payload
 
 
 @contextmanager

@@ -28,6 +28,12 @@ def _counting_step(path: str):
     return step
 
 
+def _with_info(path: str):
+    """A step and its info: a value, and a callable read when asked (after the steps)."""
+    step = _counting_step(path)
+    return step, {"kind": "counting", "lines": lambda: len(open(path).read().split())}
+
+
 def _skipping(reason: str):
     raise Skip(reason)
 
@@ -69,3 +75,12 @@ def test_a_failing_step_raises_in_the_bench():
     step()
     with pytest.raises(ZeroDivisionError, match="step failed"):
         step()
+
+
+def test_the_info_of_a_build_is_read_in_its_process_when_asked(tmp_path):
+    path = str(tmp_path / "steps")
+    step = StepProcess(_with_info, path, warmup=1)
+    step()
+    step()
+    assert step.info() == {"kind": "counting", "lines": 3}
+    step.close()
