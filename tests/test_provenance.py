@@ -278,6 +278,26 @@ def test_an_output_that_mixes_examples_after_the_last_layer_is_refused():
     model(torch.randn(1, 4)).sum().backward()  # one example: its own batch
 
 
+def test_a_model_trained_in_eval_mode_has_every_pair_of_outputs_checked():
+    """Gradients through a model in eval mode (frozen norm layers, say): the eval probe changes example 0 only, so a
+    dependence among the others after the last layer is found by the pairwise forwards, which run in eval mode too."""
+    torch.manual_seed(seed_of("eval-mode-one-way"))
+
+    class OneWayOutput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            out = self.fc(x)
+            return torch.cat([out[:3], out[3:4] + out[1:2], out[4:]])  # example 3 reads example 1, not 0
+
+    model = OneWayOutput().eval()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    with pytest.raises(ProvenanceError, match=r"^fastdp: the model's output changes for examples that did not change"):
+        model(torch.randn(4, 4))
+
+
 @pytest.mark.parametrize("augmult", [1, 2])
 def test_dropout_in_training_mode_is_not_taken_for_mixing(augmult):
     """Dropout draws other masks for other rows, yet each example's rows stay its own: the training-mode check runs

@@ -33,7 +33,7 @@ from fastdp.engine.provenance import (
     Shared,
     feed,
     first_batch_tensor,
-    mixing_in_training_mode,
+    mixing_between_examples,
     probe,
     quiet_model,
     signature,
@@ -274,8 +274,8 @@ class GradSampleEngine:
         examples = rows // self.augmult
         if examples == 1:
             return _MicroBatch(examples, None)  # every row belongs to the one example: nothing to attribute
-        # with whether any module trains: the probe checks the training forward only then (a refusal of it says
-        # nothing of an evaluation with gradients of the same shapes)
+        # with whether any module trains: the probe checks the forward in the flags it finds (a refusal of the
+        # training forward says nothing of an evaluation with gradients of the same shapes)
         key = (signature((args, kwargs), rows), any(m.training for m in self.model.modules()))
         layout = self.layouts.get(key)
         if layout is None:
@@ -293,10 +293,10 @@ class GradSampleEngine:
 
         with quiet_model(self.model) as quiet:
             layout, refusal = probe(run, (args, kwargs), examples, self.augmult, self._names)
-            if refusal is None and quiet.trains:
-                with quiet.in_training_mode():
-                    refusal = mixing_in_training_mode(run, (args, kwargs), examples, self.augmult, layout, self._names,
-                                                      quiet.reset_rng)  # fmt: skip
+            if refusal is None:
+                with quiet.as_found():
+                    refusal = mixing_between_examples(run, (args, kwargs), examples, self.augmult, layout, self._names,
+                                                      quiet.reset_rng, quiet.trains)  # fmt: skip
         return layout, refusal
 
     def _run(self, rule: Rule, module: nn.Module, args: tuple, kwargs: dict):

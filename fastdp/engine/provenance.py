@@ -35,13 +35,13 @@ its data inputs expanded (its output would otherwise carry no batch dimension).
 
 The probe runs in eval mode, where dropout draws no masks that would tell its runs apart. A model may mix the
 examples only in training mode, though (batch statistics taken only then, mixup or a shuffle inside the forward):
-``mixing_in_training_mode`` runs the training forward on altered copies of the batch, every run from the same RNG state,
-and refuses any mixing it sees there.
+``mixing_between_examples`` runs the forward in the flags it found on altered copies of the batch, every run from the
+same RNG state, and refuses any mixing it sees there.
 
 With one example (N = 1) every row belongs to it, so every call is exact with m = all of its rows; no probe is needed.
 The probe restores the RNG states, the modules' training flags and every buffer, so it changes nothing a run computes.
 Its cost is a few forwards without gradients per new input signature (shapes apart from the batch size), plus
-7 in training mode on 8 examples.
+7 on 8 examples in the forward's own flags.
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ def _copy_block(x: torch.Tensor, m: int) -> torch.Tensor:
     return x
 
 
-def mixing_in_training_mode(
+def mixing_between_examples(
     run: Callable[[Any, Recorder], Any],
     args: Any,
     examples: int,
@@ -356,14 +356,17 @@ def mixing_in_training_mode(
     layout: dict[CallKey, CallLayout],
     names: dict[nn.Module, str],
     reset_rng: Callable[[], None],
+    training: bool,
 ) -> str | None:
-    """Why the training forward cannot be trained on (it mixes the examples where the eval-mode probe saw no mixing),
-    or None.
+    """Why the forward, in the modules' training flags as it found them, cannot be trained on because it mixes the
+    examples where the eval-mode probe saw no mixing (or None). ``training``: whether any module trains (the
+    messages say so).
 
     The probe runs in eval mode (dropout masks do not roll with the examples), but a module may mix examples only in
     training mode: batch statistics taken only then, mixup or a shuffle inside the model. Per-example gradients do
     not exist for such a forward and DP-SGD's bound on one example's influence would not hold, so it is refused (by
-    the engine, after the forward: a layer's own, more specific refusal comes first).
+    the engine, after the forward: a layer's own, more specific refusal comes first). In eval mode the probe has
+    seen the layers' inputs already; these forwards then add every pair of examples to its one look at the outputs.
 
     The forwards run in the training flags the forward found, each from the same RNG state (so their random draws,
     dropout masks included, are the same). After one on the batch as given, each of the others changes the examples
@@ -417,16 +420,16 @@ def mixing_in_training_mode(
                 if prov.dim is not None:
                     xa, xd = _seq_first(xa, xd)
                 if not _unchanged(xa, xd, kept):
+                    when, unlike = ("in training mode, ", " (in eval mode it does not)") if training else ("", "")
                     return (
-                        f"fastdp: in training mode, the input{_which(labels, j)} of {_describe(key, names)} changes "
-                        "for examples that did not change when others did (in eval mode it does not): the training "
-                        "forward mixes the examples (batch statistics taken in training mode, mixup or a shuffle "
-                        "inside the model, random draws that depend on the data). Per-example gradients do not exist "
-                        "for it, and DP-SGD's guarantee would not hold. Make the training forward treat every example "
-                        "on its own."
+                        f"fastdp: {when}the input{_which(labels, j)} of {_describe(key, names)} changes for examples "
+                        f"that did not change when others did{unlike}: the forward mixes the examples (batch "
+                        "statistics taken in training mode, mixup or a shuffle inside the model, random draws that "
+                        "depend on the data). Per-example gradients do not exist for it, and DP-SGD's guarantee would "
+                        "not hold. Make the forward treat every example on its own."
                     )
         if not all(_unchanged(x, y, kept) for x, y in zip(_tensors(out_a), _tensors(out), strict=True)):
-            return output_mixing("in training mode")
+            return output_mixing("in training mode" if training else "")
     return None
 
 
@@ -494,7 +497,7 @@ class Quiet:
             torch.cuda.set_rng_state_all(self._cuda_rng)
 
     @contextmanager
-    def in_training_mode(self) -> Iterator[None]:
+    def as_found(self) -> Iterator[None]:
         """The modules' training flags as the forward found them (still no gradients), eval mode again after."""
         for m, flag in self.training.items():
             m.training = flag
