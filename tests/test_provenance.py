@@ -7,6 +7,8 @@ is part of every exactness test.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from conftest import BACKENDS, reference, row_loss, run_engine, seed_of, split
@@ -278,24 +280,104 @@ def test_an_output_that_mixes_examples_after_the_last_layer_is_refused():
     model(torch.randn(1, 4)).sum().backward()  # one example: its own batch
 
 
-def test_a_model_trained_in_eval_mode_has_every_pair_of_outputs_checked():
-    """Gradients through a model in eval mode (frozen norm layers, say): the eval probe changes example 0 only, so a
-    dependence among the others after the last layer is found by the pairwise forwards, which run in eval mode too."""
-    torch.manual_seed(seed_of("eval-mode-one-way"))
+class SequenceFirstLM(nn.Module):
+    """PyTorch's word_language_model layout: an LSTM on (T, N, H), logits flattened time-major (row t * N + n), and
+    the LSTM's h_n (layers * directions, N, H) and a detached batch statistic returned for logging."""
 
-    class OneWayOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.rnn = nn.LSTM(8, 8, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(16, 20)
+
+    def forward(self, idx):
+        h, (h_n, _) = self.rnn(self.emb(idx).transpose(0, 1))
+        logits = self.fc(h).view(-1, 20)  # a view: the sequence-first Linear's output is contiguous, as torch's
+        return logits, h_n, logits.detach().mean(0)
+
+
+@pytest.mark.parametrize("examples", [2, 3, 4])
+def test_outputs_laid_out_otherwise_than_per_example_are_not_taken_for_mixing(examples):
+    """Outputs whose rows do not move with the examples (time-major, h_n's batch in dim 1, a statistic) are compared
+    where the probe finds their examples, else not at all: the model trains, whatever N divides."""
+    torch.manual_seed(seed_of(f"sequence-first-lm-{examples}"))
+    model = SequenceFirstLM()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    logits, h_n, _ = model(torch.randint(0, 20, (examples, 6)))
+    (logits.square().sum() + h_n.square().sum()).backward()
+
+
+def test_a_large_batch_with_a_mask_sized_by_the_batch_is_checked_whole():
+    """An attention mask of N * heads rows cannot be cut to the check's first 8 examples: the check runs on all 12."""
+    torch.manual_seed(seed_of("mask-sized-by-batch"))
+
+    class MaskedAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x, attn_mask):
+            return self.fc(self.attn(x, x, x, attn_mask=attn_mask)[0].mean(1))
+
+    model = MaskedAttention()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    model(torch.randn(12, 5, 4), attn_mask=torch.zeros(24, 5, 5)).sum().backward()
+
+
+def test_the_probe_leaves_python_randomness_rebound_buffers_and_counters_as_they_were():
+    """Python's RNG is reset for every probe forward and restored after (a shift drawn from it is no mixing, and the
+    step draws what a plain run draws); a buffer the training forward rebinds from the batch is refused and its
+    value put back; a counter the forward keeps counts the real forwards only."""
+    torch.manual_seed(seed_of("python-rng-and-buffers"))
+
+    class PythonShift(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.fc = nn.Linear(4, 3)
 
         def forward(self, x):
-            out = self.fc(x)
-            return torch.cat([out[:3], out[3:4] + out[1:2], out[4:]])  # example 3 reads example 1, not 0
+            self.drawn = random.random()
+            return self.fc(x.roll(int(self.drawn * 4), 1))
 
-    model = OneWayOutput().eval()
+    model = PythonShift()
     GradSampleEngine(model, max_grad_norm=1.0)
-    with pytest.raises(ProvenanceError, match=r"^fastdp: the model's output changes for examples that did not change"):
-        model(torch.randn(4, 4))
+    random.seed(5)
+    model(torch.randn(6, 4)).sum().backward()
+    random.seed(5)
+    assert model.drawn == random.random()
+
+    class Rebinds(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.register_buffer("ema", torch.zeros(4))
+
+        def forward(self, x):
+            if self.training:
+                self.ema = 0.9 * self.ema + 0.1 * x.mean(0)
+            return self.fc(x)
+
+    model = Rebinds()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match=r"updated the buffer\(s\) ema from the private batch"):
+        model(torch.randn(6, 4))
+    assert torch.equal(model.ema, torch.zeros(4))
+
+    class Counts(nn.Module):  # a plain number the forward keeps: the probe's forwards do not count
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.steps = 0
+
+        def forward(self, x):
+            self.steps += 1
+            return self.fc(x)
+
+    model = Counts()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    model(torch.randn(6, 4)).sum().backward()
+    assert model.steps == 1
 
 
 @pytest.mark.parametrize("augmult", [1, 2])

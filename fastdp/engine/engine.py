@@ -33,7 +33,7 @@ from fastdp.engine.provenance import (
     Shared,
     feed,
     first_batch_tensor,
-    mixing_between_examples,
+    mixing_in_training_mode,
     probe,
     quiet_model,
     signature,
@@ -274,8 +274,8 @@ class GradSampleEngine:
         examples = rows // self.augmult
         if examples == 1:
             return _MicroBatch(examples, None)  # every row belongs to the one example: nothing to attribute
-        # with whether any module trains: the probe checks the forward in the flags it finds (a refusal of the
-        # training forward says nothing of an evaluation with gradients of the same shapes)
+        # with whether any module trains: the probe checks the training forward only then (a refusal of it says
+        # nothing of an evaluation with gradients of the same shapes)
         key = (signature((args, kwargs), rows), any(m.training for m in self.model.modules()))
         layout = self.layouts.get(key)
         if layout is None:
@@ -284,19 +284,21 @@ class GradSampleEngine:
         return _MicroBatch(examples, layout, self.refusals[key])
 
     def _probe(self, args: tuple, kwargs: dict, examples: int) -> tuple[dict, str | None]:
-        def run(a, recorder: Recorder):
-            self._recorder = recorder
-            try:
-                return self.model(*a[0], **a[1])
-            finally:
-                self._recorder = None
-
         with quiet_model(self.model) as quiet:
-            layout, refusal = probe(run, (args, kwargs), examples, self.augmult, self._names)
-            if refusal is None:
+
+            def run(a, recorder: Recorder):
+                quiet.reset_rng()  # every probe forward draws what the others draw (dropout masks, say)
+                self._recorder = recorder
+                try:
+                    return self.model(*a[0], **a[1])
+                finally:
+                    self._recorder = None
+
+            layout, outputs, refusal = probe(run, (args, kwargs), examples, self.augmult, self._names)
+            if refusal is None and quiet.trains:  # in eval mode the probe's own runs saw what there is to see
                 with quiet.as_found():
-                    refusal = mixing_between_examples(run, (args, kwargs), examples, self.augmult, layout, self._names,
-                                                      quiet.reset_rng, quiet.trains)  # fmt: skip
+                    refusal = mixing_in_training_mode(run, (args, kwargs), examples, self.augmult, layout, self._names,
+                                                      outputs)  # fmt: skip
         return layout, refusal
 
     def _run(self, rule: Rule, module: nn.Module, args: tuple, kwargs: dict):
@@ -336,7 +338,8 @@ class GradSampleEngine:
             out = LayerFunction.apply(call, len(tensors), *tensors, *rule.params(module))
         except CallError as e:
             raise ValueError(f"fastdp: {self._names.get(module) or 'model'} ({type(module).__name__}): {e}") from None
-        return out.movedim(0, moved) if moved else unflatten_outputs(call, out)
+        # moved back as the layer would have returned it, contiguous: a .view() of it must work as on the layer's own
+        return out.movedim(0, moved).contiguous() if moved else unflatten_outputs(call, out)
 
     # ------------------------------------------------------------------ planning (fastdp.engine.planning)
     @property

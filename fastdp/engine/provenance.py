@@ -35,17 +35,21 @@ its data inputs expanded (its output would otherwise carry no batch dimension).
 
 The probe runs in eval mode, where dropout draws no masks that would tell its runs apart. A model may mix the
 examples only in training mode, though (batch statistics taken only then, mixup or a shuffle inside the forward):
-``mixing_between_examples`` runs the forward in the flags it found on altered copies of the batch, every run from the
-same RNG state, and refuses any mixing it sees there.
+``mixing_in_training_mode`` runs the training forward on altered copies of the batch, every run from the same RNG
+state, and refuses any mixing it sees there.
 
 With one example (N = 1) every row belongs to it, so every call is exact with m = all of its rows; no probe is needed.
-The probe restores the RNG states, the modules' training flags and every buffer, so it changes nothing a run computes.
+Every probe forward starts from the caller's RNG states (torch's, Python's, numpy's; a generator the model owns is
+not reset); the probe restores them, the modules' training flags, every buffer (the tensor a name holds and its
+value) and the plain numbers a module keeps (a step counter), so it changes nothing a run computes.
 Its cost is a few forwards without gradients per new input signature (shapes apart from the batch size), plus
-7 on 8 examples in the forward's own flags.
+7 in training mode on 8 examples.
 """
 
 from __future__ import annotations
 
+import random
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,9 +205,10 @@ def expand_shared(x: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
 
 def probe(
     run: Callable[[Any, Recorder], Any], args: Any, examples: int, augmult: int, names: dict[nn.Module, str]
-) -> tuple[dict[CallKey, CallLayout], str | None]:
+) -> tuple[dict[CallKey, CallLayout], list[Batched | None], str | None]:
     """The provenance of the tensor inputs of every wrapped call of the forward ``run(args, recorder)`` (see the
-    module docstring), and why the forward cannot be trained on when its outputs mix the examples (else None).
+    module docstring), that of the forward's tensor outputs (``_output_layout``), and why the forward cannot be
+    trained on when its outputs mix the examples (else None).
 
     Args:
         run: runs the model's forward on ``args`` with the wrapped layers reporting to ``recorder``.
@@ -282,9 +287,9 @@ def probe(
                 "tensor without a batch dimension (e.g. torch.arange(t), shared by all examples), or rows that belong "
                 "to one example each."
             )
-    # the model's outputs: example 0's change must stay in its rows (engine: refused after the forward)
-    kept = torch.arange(examples) > 0
-    moved = not all(_unchanged(x, y, kept) for x, y in zip(_tensors(outs["A"]), _tensors(outs["D"]), strict=True))
+    # the model's outputs: where their rows move with the examples, example 0's change must stay in its rows
+    # (engine: refused after the forward)
+    outputs, moved = _output_layout(outs["A"], outs["R"], outs["D"], examples)
     shared = [key for key, entry in layout.items() if entry and not any(isinstance(p, Batched) for p in entry)]
     if shared:
         try:
@@ -300,7 +305,7 @@ def probe(
                 f"(e.g. positions expanded to the batch: torch.arange(t).expand({rows}, t))."
                 + (f" (With the copies the forward failed: {type(failure).__name__}: {failure}.)" if failure else "")
             ) from failure
-    return layout, output_mixing() if moved else None
+    return layout, outputs, output_mixing() if moved else None
 
 
 def _rows_per_example(xa: torch.Tensor, xr: torch.Tensor, xd: torch.Tensor, examples: int) -> int:
@@ -348,40 +353,60 @@ def _copy_block(x: torch.Tensor, m: int) -> torch.Tensor:
     return x
 
 
-def mixing_between_examples(
+def mixing_in_training_mode(
     run: Callable[[Any, Recorder], Any],
     args: Any,
     examples: int,
     augmult: int,
     layout: dict[CallKey, CallLayout],
     names: dict[nn.Module, str],
-    reset_rng: Callable[[], None],
-    training: bool,
+    outputs: list[Batched | None],
 ) -> str | None:
-    """Why the forward, in the modules' training flags as it found them, cannot be trained on because it mixes the
-    examples where the eval-mode probe saw no mixing (or None). ``training``: whether any module trains (the
-    messages say so).
+    """Why the training forward (the modules' training flags as the forward found them) cannot be trained on because
+    it mixes the examples where the eval-mode probe saw no mixing (or None).
 
     The probe runs in eval mode (dropout masks do not roll with the examples), but a module may mix examples only in
     training mode: batch statistics taken only then, mixup or a shuffle inside the model. Per-example gradients do
     not exist for such a forward and DP-SGD's bound on one example's influence would not hold, so it is refused (by
-    the engine, after the forward: a layer's own, more specific refusal comes first). In eval mode the probe has
-    seen the layers' inputs already; these forwards then add every pair of examples to its one look at the outputs.
+    the engine, after the forward: a layer's own, more specific refusal comes first). The outputs are compared where
+    the probe found their rows per example (``_output_layout``): an output laid out otherwise (time-major, a
+    statistic, a loss) has nothing to compare, so mixing there, and mixing gated by a random draw that said "no" in
+    these forwards, is not seen.
 
-    The forwards run in the training flags the forward found, each from the same RNG state (so their random draws,
-    dropout masks included, are the same). After one on the batch as given, each of the others changes the examples
-    whose bit k (k < ceil(log2 N)) is 1, or those whose bit k is 0, to a copy of example i + 2^k (mod N); the
-    examples it leaves as they are must keep their rows in every batched input of a wrapped call and in every
-    per-example output. Any two examples i != j differ in some bit, so some forward changes i and not j: whatever
-    mixing makes j's rows depend on i is seen there. Identical examples only make fewer rows change, which is never
-    refused. The forwards take the first ``TRAINING_CHECK_EXAMPLES`` examples of the batch (the layout does not
-    depend on the batch size): 7 forwards of 8 examples, whatever N.
+    The forwards run in the training flags the forward found, each from the same RNG state (``run`` resets the
+    generators), so their random draws, dropout masks included, are the same. After one on the batch as given, each
+    of the others changes the examples whose bit k (k < ceil(log2 N)) is 1, or those whose bit k is 0, to a copy of
+    example i + 2^k (mod N); the examples it leaves as they are must keep their rows in every batched input of a
+    wrapped call and in every per-example output. Any two examples i != j differ in some bit, so some forward
+    changes i and not j: whatever mixing makes j's rows depend on i is seen there. Identical examples only make
+    fewer rows change, which is never refused. The forwards take the first ``TRAINING_CHECK_EXAMPLES`` examples of
+    the batch (the layout does not depend on the batch size): 7 forwards of 8 examples, whatever N; the whole batch
+    where those fail (a tensor argument sized by the batch elsewhere than in dim 0: an attention mask of N * heads
+    rows, an RNN's first state).
     """
-    full = examples * augmult
-    examples = min(examples, TRAINING_CHECK_EXAMPLES)
+    pairwise = (run, augmult, layout, names, outputs)
+    if examples > TRAINING_CHECK_EXAMPLES:
+        full, rows = examples * augmult, TRAINING_CHECK_EXAMPLES * augmult
+        first = tree_map(lambda t: t[:rows] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == full
+                         else t, args)  # fmt: skip
+        try:
+            return _pairwise(first, TRAINING_CHECK_EXAMPLES, *pairwise)
+        except Exception:  # noqa: BLE001 - the model cannot run on the first examples alone: the whole batch
+            pass
+    return _pairwise(args, examples, *pairwise)
+
+
+def _pairwise(
+    args: Any,
+    examples: int,
+    run: Callable[[Any, Recorder], Any],
+    augmult: int,
+    layout: dict[CallKey, CallLayout],
+    names: dict[nn.Module, str],
+    outputs: list[Batched | None],
+) -> str | None:
+    """``mixing_in_training_mode`` on ``args``, a micro-batch of ``examples`` examples."""
     rows = examples * augmult
-    args = tree_map(lambda t: t[:rows] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == full else t,
-                    args)  # fmt: skip
     idx = torch.arange(examples)
 
     def changed(k: int, side: int) -> tuple[torch.Tensor, Callable[[Any], Any]]:
@@ -397,7 +422,6 @@ def mixing_between_examples(
         return ~moves, change
 
     def forward(a: Any) -> tuple[Recorder, Any]:
-        reset_rng()
         rec = Recorder(examples, rows)
         return rec, run(a, rec)
 
@@ -420,17 +444,50 @@ def mixing_between_examples(
                 if prov.dim is not None:
                     xa, xd = _seq_first(xa, xd)
                 if not _unchanged(xa, xd, kept):
-                    when, unlike = ("in training mode, ", " (in eval mode it does not)") if training else ("", "")
                     return (
-                        f"fastdp: {when}the input{_which(labels, j)} of {_describe(key, names)} changes for examples "
-                        f"that did not change when others did{unlike}: the forward mixes the examples (batch "
-                        "statistics taken in training mode, mixup or a shuffle inside the model, random draws that "
-                        "depend on the data). Per-example gradients do not exist for it, and DP-SGD's guarantee would "
-                        "not hold. Make the forward treat every example on its own."
+                        f"fastdp: in training mode, the input{_which(labels, j)} of {_describe(key, names)} changes "
+                        "for examples that did not change when others did (in eval mode it does not): the forward "
+                        "mixes the examples (batch statistics taken in training mode, mixup or a shuffle inside the "
+                        "model, random draws that depend on the data or come from a generator of the model's own). "
+                        "Per-example gradients do not exist for it, and DP-SGD's guarantee would not hold. Make the "
+                        "training forward treat every example on its own."
                     )
-        if not all(_unchanged(x, y, kept) for x, y in zip(_tensors(out_a), _tensors(out), strict=True)):
-            return output_mixing("in training mode" if training else "")
+        ta, tb = _tensors(out_a), _tensors(out)
+        if len(ta) == len(tb) == len(outputs):
+            for xa, xd, prov in zip(ta, tb, outputs, strict=True):
+                if prov is not None and xa.shape == xd.shape and xa.dim() > (prov.dim or 0):
+                    if not _unchanged(xa.movedim(prov.dim or 0, 0), xd.movedim(prov.dim or 0, 0), kept):
+                        return output_mixing("in training mode")
     return None
+
+
+def _output_layout(a: Any, r: Any, d: Any, examples: int) -> tuple[list[Batched | None], bool]:
+    """Per tensor output of the probe's forwards A, R (examples rolled) and D (example 0 replaced by example 1):
+    ``Batched(m, dim)`` where its rows (in dim 0, else dim 1: a sequence-first output, an RNN's h_n) are m per
+    example, example-major, and only example 0's change, None where its rows do not move with the examples (a
+    time-major flattening, a statistic for logging, a loss: nothing to compare). And whether some output's rows move
+    with the examples but example 0's change reaches other examples' rows: the forward mixes them."""
+    ta, tr, td = _tensors(a), _tensors(r), _tensors(d)
+    if not len(ta) == len(tr) == len(td):
+        return [None] * len(ta), False
+    layout: list[Batched | None] = []
+    mixed = False
+    for xa, xr, xd in zip(ta, tr, td, strict=True):
+        found = None
+        for dim in (0, 1):
+            if xa.dim() <= dim or not xa.shape == xr.shape == xd.shape or xa.shape[dim] % examples:
+                continue
+            va, vr, vd = (t.movedim(dim, 0) for t in (xa, xr, xd))
+            m = va.shape[0] // examples
+            if not _close(vr, va.roll(m, 0)):
+                continue
+            if _close(vd, _copy_block(va, m)):
+                found = Batched(m, dim if dim else None)
+            else:
+                mixed = True
+            break
+        layout.append(found)
+    return layout, mixed
 
 
 def output_mixing(mode: str = "") -> str:
@@ -486,15 +543,23 @@ class Quiet:
         self.training = training
         self._cpu_rng = torch.get_rng_state()
         self._cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self._py_rng = random.getstate()
+        numpy = sys.modules.get("numpy")  # its global RNG, where the model's code may draw (not imported for it)
+        self._np_rng = (numpy, numpy.random.get_state()) if numpy is not None else None
 
     @property
     def trains(self) -> bool:
         return any(self.training.values())
 
     def reset_rng(self) -> None:
+        """torch's CPU and CUDA generators, Python's and numpy's global ones as they were (a generator the model owns
+        is not reset: its draws differ between the probe's forwards, as data-dependent ones would)."""
         torch.set_rng_state(self._cpu_rng)
         if self._cuda_rng is not None:
             torch.cuda.set_rng_state_all(self._cuda_rng)
+        random.setstate(self._py_rng)
+        if self._np_rng is not None:
+            self._np_rng[0].random.set_state(self._np_rng[1])
 
     @contextmanager
     def as_found(self) -> Iterator[None]:
@@ -510,7 +575,8 @@ class Quiet:
 
 @contextmanager
 def quiet_model(model: nn.Module) -> Iterator[Quiet]:
-    """Eval mode, no gradients, and the RNG states, training flags and buffers restored afterwards.
+    """Eval mode, no gradients, and the RNG states, training flags, buffers and modules' plain numbers restored
+    afterwards.
 
     torch's fused transformer kernels (``nn.TransformerEncoderLayer``'s fast path) are off meanwhile: they run in eval
     mode without gradients and bypass the submodules' forwards, so the probe would not see the calls that training
@@ -519,7 +585,12 @@ def quiet_model(model: nn.Module) -> Iterator[Quiet]:
     quiet = Quiet({m: m.training for m in model.modules()})
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # plain numbers and flags a forward may keep on its modules (a step counter): put back, like the buffers
+    scalars = [(m, k, v) for m in model.modules() for k, v in vars(m).items() if type(v) in (int, float, bool)]
+    # by module: the tensor each name holds and its value (a forward may rebind a buffer, not only update it)
+    buffers = [
+        (m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None
+    ]
     model.eval()
     try:
         with torch.no_grad():
@@ -529,6 +600,9 @@ def quiet_model(model: nn.Module) -> Iterator[Quiet]:
         for m, flag in quiet.training.items():
             m.training = flag
         with torch.no_grad():
-            for b, saved in buffers:
+            for m, name, b, saved in buffers:
+                m._buffers[name] = b
                 b.copy_(saved)
+        for m, k, v in scalars:
+            setattr(m, k, v)
         quiet.reset_rng()
