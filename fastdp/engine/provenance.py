@@ -95,10 +95,20 @@ class ProvenanceError(ValueError):
     """A wrapped layer whose rows cannot be attributed to examples exactly."""
 
 
+def _of_batch(t: Any, rows: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows
+
+
 def batch_tensors(args: Any, rows: int) -> list[torch.Tensor]:
     """The tensor leaves of ``args`` with ``rows`` rows in dim 0 (the ones the probe changes)."""
     leaves, _ = tree_flatten(args)
-    return [t for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows]
+    return [t for t in leaves if _of_batch(t, rows)]
+
+
+def map_batch(args: Any, rows: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``args`` with ``fn`` applied to every tensor of ``rows`` rows in dim 0 (``batch_tensors``): the probe's
+    alterations of the micro-batch, every such argument altered alike."""
+    return tree_map(lambda t: fn(t) if _of_batch(t, rows) else t, args)
 
 
 def first_batch_tensor(args: Any) -> torch.Tensor | None:
@@ -219,10 +229,6 @@ def probe(
     """
     rows = examples * augmult
 
-    def changed(fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-        return tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows else t,
-                        args)  # fmt: skip
-
     def rolled(t: torch.Tensor) -> torch.Tensor:
         return t.roll(augmult, 0)
 
@@ -233,7 +239,7 @@ def probe(
 
     recs = {}
     outs = {}
-    for kind, a in (("A", args), ("R", changed(rolled)), ("D", changed(duplicated))):
+    for kind, a in (("A", args), ("R", map_batch(args, rows, rolled)), ("D", map_batch(args, rows, duplicated))):
         recs[kind] = Recorder(examples, rows)
         outs[kind] = run(a, recs[kind])
     keys = [k for k, _, _ in recs["A"].calls]
@@ -386,9 +392,8 @@ def mixing_in_training_mode(
     """
     pairwise = (run, augmult, layout, names, outputs)
     if examples > TRAINING_CHECK_EXAMPLES:
-        full, rows = examples * augmult, TRAINING_CHECK_EXAMPLES * augmult
-        first = tree_map(lambda t: t[:rows] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == full
-                         else t, args)  # fmt: skip
+        rows = TRAINING_CHECK_EXAMPLES * augmult
+        first = map_batch(args, examples * augmult, lambda t: t[:rows])
         try:
             return _pairwise(first, TRAINING_CHECK_EXAMPLES, *pairwise)
         except Exception:  # noqa: BLE001 - the model cannot run on the first examples alone: the whole batch
@@ -409,17 +414,15 @@ def _pairwise(
     rows = examples * augmult
     idx = torch.arange(examples)
 
-    def changed(k: int, side: int) -> tuple[torch.Tensor, Callable[[Any], Any]]:
+    def changed(k: int, side: int) -> tuple[torch.Tensor, Any]:
+        """The examples kept as they are, and the batch with the others replaced (bit k of their index == side)."""
         moves = (idx >> k) & 1 == side
         src = torch.where(moves, (idx + (1 << k)) % examples, idx)
 
-        def change(t: Any) -> Any:
-            if not (isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows):
-                return t
-            blocks = t.view(examples, augmult, *t.shape[1:])
-            return blocks[src.to(t.device)].reshape(t.shape)
+        def change(t: torch.Tensor) -> torch.Tensor:
+            return t.view(examples, augmult, *t.shape[1:])[src.to(t.device)].reshape(t.shape)
 
-        return ~moves, change
+        return ~moves, map_batch(args, rows, change)
 
     def forward(a: Any) -> tuple[Recorder, Any]:
         rec = Recorder(examples, rows)
@@ -428,8 +431,8 @@ def _pairwise(
     rec_a, out_a = forward(args)
     keys = [k for k, _, _ in rec_a.calls]
     for k, side in ((k, side) for k in range((examples - 1).bit_length()) for side in (1, 0)):
-        kept, change = changed(k, side)
-        rec, out = forward(tree_map(change, args))
+        kept, altered = changed(k, side)
+        rec, out = forward(altered)
         if [c for c, _, _ in rec.calls] != keys or any(c not in layout for c in keys):
             return (
                 "fastdp: in training mode the model calls its layers in another order than in eval mode, or in "
