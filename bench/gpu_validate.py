@@ -373,6 +373,16 @@ def stage_smoke() -> None:
             out = torch.full((3, 21, 19), float("nan"), device=DEVICE)
             check("fastdp._C linear_sq_norms", ops.linear_sq_norms(a, d, out),
                   psn.per_sample_norm_ref(a.double(), d.double()))  # fmt: skip
+        # the shifted ghost norm's Gram sum (3x3, 'same', 2 views) against the box additions of the torch path
+        from fastdp.rules.conv_ghost import _shift_along
+
+        xg = randn(3, 4, 2 * 49, gen=gen)
+        gram = (xg.transpose(1, 2) @ xg).contiguous()
+        boxed = gram.view(3, 2, 7, 7, 2, 7, 7)
+        for j in range(2):
+            boxed = _shift_along(boxed, 2 + j, 5 + j, 7, 3, 1, 1)
+        check("fastdp._C shifted_gram", ops.shifted_gram(gram, [7, 7], [7, 7], [3, 3], [1, 1], [1, 1], 2),
+              boxed.reshape(3, 98, 98))  # fmt: skip
         grads, c = randn(3, 1000, gen=gen), torch.rand(3, generator=gen).to(DEVICE)
         check("fastdp._C clip_reduce", ops.clip_reduce(grads, c), cr.clip_reduce_ref(grads.double(), c.double()))
         p, s = randn(1031, gen=gen), randn(1031, gen=gen)

@@ -121,7 +121,7 @@ else
   "$PY" -c "from fastdp import _ext, backends; print('fastdp._C cpu', _ext.cpu_available(), 'cuda', \
 _ext.cuda_compiled(), 'backends', backends.available_backends(), _ext.IMPORT_ERROR or '')" 2>&1 | tee -a "$LOGS/stages"
   want tests_cuda && boxed 120 tests_cuda "${PYTEST[@]}" tests/test_kernels_cpp.py tests/test_fake_ops.py \
-    tests/test_engine_kernels.py tests/test_optim.py
+    tests/test_engine_kernels.py tests/test_optim.py tests/test_shifted_gram.py
   want audit && boxed 90 audit "$PY" -m fastdp.audit --quick --backend cuda --backend triton
 fi
 

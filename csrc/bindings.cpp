@@ -300,6 +300,58 @@ Tensor linear_sq_norms_cpu_op(const Tensor& a, const Tensor& delta, const std::o
 
 // ---- CUDA ---------------------------------------------------------------------------------------------------------
 
+// ---- the shifted ghost norm's summed Gram matrix ----------------------------------------------------------------
+
+// Checks of shifted_gram; the geometry with fewer than 3 spatial axes padded by axes of size 1 and kernel 1.
+ShiftGeometry check_shifted_gram(const Tensor& gram, at::IntArrayRef in_shape, at::IntArrayRef out_shape,
+                                 at::IntArrayRef kernel, at::IntArrayRef dilation, at::IntArrayRef padding,
+                                 int64_t views, const char* op) {
+  const size_t nd = in_shape.size();
+  TORCH_CHECK(nd >= 1 && nd <= 3, op, ": in_shape must have 1 to 3 spatial sizes, got ", in_shape);
+  TORCH_CHECK(out_shape.size() == nd && kernel.size() == nd && dilation.size() == nd && padding.size() == nd, op,
+              ": out_shape, kernel, dilation and padding must have one entry per spatial axis of in_shape ", in_shape,
+              ", got ", out_shape, ", ", kernel, ", ", dilation, ", ", padding);
+  TORCH_CHECK(views >= 1, op, ": views must be >= 1, got ", views);
+  ShiftGeometry g;
+  g.views = views;
+  for (size_t j = 0; j < nd; ++j) {
+    const size_t k = j + 3 - nd;  // the given axes are the last ones
+    TORCH_CHECK(in_shape[j] >= 1 && kernel[j] >= 1 && dilation[j] >= 1 && padding[j] >= 0, op,
+                ": sizes, kernel and dilation must be >= 1 and padding >= 0, got in_shape ", in_shape, ", kernel ",
+                kernel, ", dilation ", dilation, ", padding ", padding);
+    // the stride-1 convolution's output size: the shifts are only defined for it
+    const int64_t expect = in_shape[j] + 2 * padding[j] - dilation[j] * (kernel[j] - 1);
+    TORCH_CHECK(out_shape[j] == expect && expect >= 1, op, ": out_shape ", out_shape,
+                " is not the stride-1 convolution's output size of in_shape ", in_shape, " (kernel ", kernel,
+                ", dilation ", dilation, ", padding ", padding, ")");
+    g.in[k] = in_shape[j];
+    g.out[k] = out_shape[j];
+    g.kernel[k] = kernel[j];
+    g.dilation[k] = dilation[j];
+    g.padding[k] = padding[j];
+    g.in_numel *= in_shape[j];
+    g.out_numel *= out_shape[j];
+  }
+  TORCH_CHECK(gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble, op,
+              ": gram must be float32 or float64, got ", gram.scalar_type());
+  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == views * g.in_numel && gram.size(2) == views * g.in_numel, op,
+              ": gram must be (n, views * I, views * I) = (n, ", views * g.in_numel, ", ", views * g.in_numel,
+              ") for in_shape ", in_shape, " and views ", views, ", got sizes ", gram.sizes());
+  check_contiguous(gram, op, "gram");
+  return g;
+}
+
+Tensor shifted_gram_cpu_op(const Tensor& gram, at::IntArrayRef in_shape, at::IntArrayRef out_shape,
+                           at::IntArrayRef kernel, at::IntArrayRef dilation, at::IntArrayRef padding, int64_t views) {
+  const char* op = "fastdp::shifted_gram (CPU)";
+  const ShiftGeometry g = check_shifted_gram(gram, in_shape, out_shape, kernel, dilation, padding, views, op);
+  const int64_t n = gram.size(0), side = views * g.out_numel;
+  Tensor out = at::empty({n, side, side}, gram.options());
+  if (out.numel() == 0) return out;
+  shifted_gram_cpu(to_dtype(gram), gram.data_ptr(), out.data_ptr(), g, n, at::get_num_threads());
+  return out;
+}
+
 #ifdef FASTDP_WITH_CUDA
 struct LinearNormArgs {
   int64_t B, T, d, p;
@@ -406,6 +458,19 @@ Tensor linear_sq_norms_cuda_op(const Tensor& a, const Tensor& delta, const std::
                       r.d, r.p, current_stream(a.device()));
   return out;
 }
+
+Tensor shifted_gram_cuda_op(const Tensor& gram, at::IntArrayRef in_shape, at::IntArrayRef out_shape,
+                            at::IntArrayRef kernel, at::IntArrayRef dilation, at::IntArrayRef padding, int64_t views) {
+  const char* op = "fastdp::shifted_gram (CUDA)";
+  TORCH_CHECK(gram.is_cuda(), op, ": gram must be a CUDA tensor, got ", gram.device());
+  const ShiftGeometry g = check_shifted_gram(gram, in_shape, out_shape, kernel, dilation, padding, views, op);
+  const c10::cuda::CUDAGuard guard(gram.device());
+  const int64_t n = gram.size(0), side = views * g.out_numel;
+  Tensor out = at::empty({n, side, side}, gram.options());
+  if (out.numel() == 0) return out;
+  shifted_gram_cuda(to_dtype(gram), gram.data_ptr(), out.data_ptr(), g, n, current_stream(gram.device()));
+  return out;
+}
 #endif
 
 bool compiled_with_cuda() {
@@ -438,6 +503,10 @@ TORCH_LIBRARY(fastdp, m) {
   m.def("philox_words(int ngroups, int seed, int step, int group_offset) -> Tensor");
   // ||delta_b^T a_b||_F^2 per example b for a (B, T, d), delta (B, T, p); optionally writes G_b into grads
   m.def("linear_sq_norms(Tensor a, Tensor delta, Tensor(a!)? grads=None) -> Tensor");
+  // the shifted ghost norm's Gram matrix summed over a stride-1 convolution's kernel offsets (ops.h)
+  m.def(
+      "shifted_gram(Tensor gram, int[] in_shape, int[] out_shape, int[] kernel, int[] dilation, int[] padding, "
+      "int views) -> Tensor");
   m.def("compiled_with_cuda() -> bool", &fastdp::compiled_with_cuda);
 }
 
@@ -448,6 +517,7 @@ TORCH_LIBRARY_IMPL(fastdp, CPU, m) {
   m.impl("noisy_adam_step_", &fastdp::noisy_adam_step_cpu_op);
   m.impl("philox_normal_", &fastdp::philox_normal_cpu_op);
   m.impl("linear_sq_norms", &fastdp::linear_sq_norms_cpu_op);
+  m.impl("shifted_gram", &fastdp::shifted_gram_cpu_op);
 }
 
 // no tensor inputs to dispatch on: CompositeExplicitAutograd (a catch-all kernel would be traced into, on fakes)
@@ -461,6 +531,7 @@ TORCH_LIBRARY_IMPL(fastdp, CUDA, m) {
   m.impl("noisy_adam_step_", &fastdp::noisy_adam_step_cuda_op);
   m.impl("philox_normal_", &fastdp::philox_normal_cuda_op);
   m.impl("linear_sq_norms", &fastdp::linear_sq_norms_cuda_op);
+  m.impl("shifted_gram", &fastdp::shifted_gram_cuda_op);
 }
 #endif
 

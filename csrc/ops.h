@@ -76,4 +76,18 @@ int64_t linear_sq_norm_workspace_elems(int64_t B, int64_t d, int64_t p);
 void linear_sq_norm_cuda(DType dtype, const void* a, const void* delta, void* grads, void* out, void* workspace,
                          int64_t B, int64_t T, int64_t d, int64_t p, void* stream);
 
+// ---- the shifted ghost norm's summed Gram matrix (stride-1 convolutions) -----------------------------------------
+// gram (n, K I, K I): X, the input's Gram matrix over channels, K views of I = in[0] in[1] in[2] positions;
+// out (n, K O, K O), O = out[0] out[1] out[2]: out[b, k1, t, k2, s] = sum_o X[b, k1, t + a_o, k2, s + a_o] with
+// a_o = o * dilation - padding per axis, zero where an index falls outside the input. Fewer than 3 spatial axes are
+// padded with axes of size 1 and kernel 1 (bindings.cpp), so the kernels see three.
+struct ShiftGeometry {
+  int64_t in[3] = {1, 1, 1}, out[3] = {1, 1, 1};
+  int64_t kernel[3] = {1, 1, 1}, dilation[3] = {1, 1, 1}, padding[3] = {0, 0, 0};
+  int64_t views = 1;
+  int64_t in_numel = 1, out_numel = 1;
+};
+void shifted_gram_cpu(DType dtype, const void* gram, void* out, const ShiftGeometry& g, int64_t n, int num_threads);
+void shifted_gram_cuda(DType dtype, const void* gram, void* out, const ShiftGeometry& g, int64_t n, void* stream);
+
 }  // namespace fastdp

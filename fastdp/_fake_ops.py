@@ -303,6 +303,55 @@ def _linear_sq_norms_fake(a: torch.Tensor, delta: torch.Tensor, grads: torch.Ten
     return a.new_empty((batch,), dtype=_acc_type(a.dtype))
 
 
+# ---- the shifted ghost norm's summed Gram matrix ---------------------------------------------------------------------
+
+
+def _shifted_gram_fake(
+    gram: torch.Tensor,
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    kernel: Sequence[int],
+    dilation: Sequence[int],
+    padding: Sequence[int],
+    views: int,
+) -> torch.Tensor:
+    """bindings.cpp check_shifted_gram; at::empty({n, K O, K O}, gram.options())."""
+    op = "fastdp::shifted_gram"
+    nd = len(in_shape)
+    _check(1 <= nd <= 3, op, f"in_shape must have 1 to 3 spatial sizes, got {list(in_shape)}")
+    _check(
+        len(out_shape) == nd and len(kernel) == nd and len(dilation) == nd and len(padding) == nd,
+        op,
+        f"out_shape, kernel, dilation and padding must have one entry per spatial axis of in_shape {list(in_shape)}, "
+        f"got {list(out_shape)}, {list(kernel)}, {list(dilation)}, {list(padding)}",
+    )
+    _check(views >= 1, op, f"views must be >= 1, got {views}")
+    geometry = f"kernel {list(kernel)}, dilation {list(dilation)}, padding {list(padding)}"
+    for i, o, k, dil, pad in zip(in_shape, out_shape, kernel, dilation, padding, strict=True):
+        _check(
+            i >= 1 and k >= 1 and dil >= 1 and pad >= 0,
+            op,
+            f"sizes, kernel and dilation must be >= 1 and padding >= 0, got in_shape {list(in_shape)}, {geometry}",
+        )
+        expect = i + 2 * pad - dil * (k - 1)
+        _check(
+            o == expect and expect >= 1,
+            op,
+            f"out_shape {list(out_shape)} is not the stride-1 convolution's output size of in_shape "
+            f"{list(in_shape)} ({geometry})",
+        )
+    _check(gram.dtype in _FLOAT_PARAMS, op, f"gram must be float32 or float64, got {gram.dtype}")
+    side_in, side_out = views * math.prod(in_shape), views * math.prod(out_shape)
+    _check(
+        gram.dim() == 3 and gram.shape[1] == side_in and gram.shape[2] == side_in,
+        op,
+        f"gram must be (n, views * I, views * I) = (n, {side_in}, {side_in}) for in_shape {list(in_shape)} and "
+        f"views {views}, got sizes {_sizes(gram)}",
+    )
+    _check(gram.is_contiguous(), op, f"gram must be contiguous, got sizes {_sizes(gram)} strides {gram.stride()}")
+    return gram.new_empty((gram.shape[0], side_out, side_out))
+
+
 # ---- registration ---------------------------------------------------------------------------------------------------
 
 #: the fake kernel of every op of the fastdp library that takes or returns tensors (compiled_with_cuda needs none)
@@ -314,6 +363,7 @@ FAKES: dict[str, Callable[..., Any]] = {
     "fastdp::philox_normal_": _philox_normal_fake,
     "fastdp::philox_words": _philox_words_fake,
     "fastdp::linear_sq_norms": _linear_sq_norms_fake,
+    "fastdp::shifted_gram": _shifted_gram_fake,
 }
 
 

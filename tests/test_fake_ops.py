@@ -9,6 +9,8 @@ CUDA tensors (FakeTensorMode makes them without a GPU), and against the real ker
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -89,6 +91,14 @@ def philox_words_args():
     return (9, SEED, 5, 3), {}
 
 
+def shifted_gram_args(dtype=torch.float32, in_shape=(5, 6), kernel=(3, 3), dilation=(1, 1), padding=(1, 1), views=1):
+    out_shape = [i + 2 * p - d * (k - 1) for i, k, d, p in zip(in_shape, kernel, dilation, padding, strict=True)]
+    side = views * math.prod(in_shape)
+    args = (torch.randn(3, side, side, dtype=dtype), list(in_shape), out_shape, list(kernel), list(dilation),
+            list(padding), views)  # fmt: skip
+    return args, {}
+
+
 # ---- opcheck ---------------------------------------------------------------------------------------------------------
 
 
@@ -107,6 +117,12 @@ def philox_words_args():
         opcheck_case("fastdp::noisy_adam_step_", lambda: adam_args(torch.float64, decoupled=False)),
         opcheck_case("fastdp::philox_normal_", philox_normal_args),
         opcheck_case("fastdp::philox_words", philox_words_args),
+        opcheck_case("fastdp::shifted_gram", shifted_gram_args),
+        opcheck_case("fastdp::shifted_gram", lambda: shifted_gram_args(torch.float64, (11,), (3,), (2,), (0,), 2)),
+        opcheck_case(
+            "fastdp::shifted_gram",
+            lambda: shifted_gram_args(in_shape=(3, 4, 2), kernel=(3, 1, 2), dilation=(1, 1, 1), padding=(1, 0, 0)),
+        ),
     ],
 )
 def test_opcheck(op_name, make_args):
@@ -151,6 +167,13 @@ def _set_item(k, value):
         return items
 
     return change
+
+
+def _bad_shift(index, value):
+    args, kwargs = shifted_gram_args()
+    args = list(args)
+    args[index] = value(args[index]) if callable(value) else value
+    return tuple(args), kwargs
 
 
 def _nesterov_damped():
@@ -230,6 +253,14 @@ BAD_CALLS = [
     (ops.philox_normal_.default, lambda: ((torch.empty(4, 3).t(), 1, 2, 3), {}), "out must be contiguous"),
     (ops.philox_normal_.default, lambda: ((torch.empty(5), 1, -2, 3), {}), "step and offset must be >= 0"),
     (ops.philox_words.default, lambda: ((-1, 1, 2, 3), {}), "ngroups, step and group_offset must be >= 0"),
+    # shifted_gram
+    (ops.shifted_gram.default, lambda: _bad_shift(0, lambda g: g.half()), "gram must be float32 or float64"),
+    (ops.shifted_gram.default, lambda: _bad_shift(0, lambda g: g[:, :-1]), r"gram must be \(n, views \* I"),
+    (ops.shifted_gram.default, lambda: _bad_shift(0, lambda g: g.transpose(1, 2)), "gram must be contiguous"),
+    (ops.shifted_gram.default, lambda: _bad_shift(2, [5, 5]), "not the stride-1 convolution's output size"),
+    (ops.shifted_gram.default, lambda: _bad_shift(3, [3]), "one entry per spatial axis"),
+    (ops.shifted_gram.default, lambda: _bad_shift(5, [-1, 1]), "padding >= 0"),
+    (ops.shifted_gram.default, lambda: _bad_shift(6, 0), "views must be >= 1"),
     # the CPU kernel of linear_sq_norms only says that there is none
     (ops.linear_sq_norms.default, lambda: ((torch.randn(2, 3, 4), torch.randn(2, 3, 5)), {}), "CUDA kernel only"),
 ]

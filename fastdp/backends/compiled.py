@@ -1,8 +1,9 @@
 """``cpp`` and ``cuda``: the compiled extension fastdp._C (csrc/), the same ops dispatched by the tensors' device.
 
 On CPU parameters the optimizer step is one multi-threaded pass over all parameters of a launch; on GPU parameters
-one multi-tensor launch. The clip-and-reduce reads the kept per-example gradients once with wide loads. ``cuda`` also
-has the per-example norm of Linear layers (its book-keeping GEMMs are cuBLAS's / cuDNN's through torch).
+one multi-tensor launch. The clip-and-reduce reads the kept per-example gradients once with wide loads. Both sum the
+shifted ghost norm's Gram matrix in one launch (``shifted_gram``); ``cuda`` also has the per-example norm of Linear
+layers (its book-keeping GEMMs are cuBLAS's / cuDNN's through torch).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from fastdp.fused_step import Launch, decoupled
 
 _REDUCE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _NORM_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+#: the shifted Gram matrix is summed in the rule's accumulation dtype
+_SHIFT_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -33,9 +36,10 @@ class CompiledBackend(Backend):
 
         return reduce
 
-    def layer_kernels(self) -> LayerKernels | None:
+    def layer_kernels(self) -> LayerKernels:
+        shifted_gram = torch.ops.fastdp.shifted_gram
         if self.name != "cuda":
-            return None
+            return LayerKernels(device_type="cpu", dtypes=_SHIFT_DTYPES, shifted_gram=shifted_gram)
 
         def linear_norm(a, d, out=None):
             # the CUDA kernel reads dense rows; the rules' a and delta are views of contiguous activations already.
@@ -45,7 +49,7 @@ class CompiledBackend(Backend):
                 a, d = a.to(out.dtype), d.to(out.dtype)
             return torch.ops.fastdp.linear_sq_norms(a.contiguous(), d.contiguous(), out)
 
-        return LayerKernels(device_type="cuda", dtypes=_NORM_DTYPES, linear_norm=linear_norm)
+        return LayerKernels(device_type="cuda", dtypes=_NORM_DTYPES, linear_norm=linear_norm, shifted_gram=shifted_gram)
 
     def noisy_step(self, launch: Launch, std: float, batch: float, seed: int, step: int) -> None:
         g, ops = launch.group, torch.ops.fastdp

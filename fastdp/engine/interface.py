@@ -86,13 +86,17 @@ class LayerKernels:
     - ``conv2d_norm(x, delta, geom, K, out)``        the per-example norm of a Conv2d (groups 1) by implicit GEMM,
     - ``conv2d_bookkeeping(x, delta, w, geom, K)``   its clipped sum, (p, C, kh, kw),
     - ``conv2d_ghost_norm(x, delta, geom, K)``       its norm by the ghost norm over the K Ho Wo positions (the
-                                                     low-resolution layers).
+                                                     low-resolution layers),
+    - ``shifted_gram(X, in_shape, out_shape, kernel, dilation, padding, K)``  a part of the torch strategy
+      ``shifted_ghost``, not a strategy of its own: the input's Gram matrix X (n, K I, K I) summed over a stride-1
+      convolution's kernel offsets into S (n, K T, K T), one launch (fastdp.rules.conv_ghost).
 
     The book-keeping kernels do not read the rows of an example of weight exactly 0, on either side of the product:
     a dropped example's rows may hold NaN or inf (the Contribution contract).
     """
 
-    #: the device type the kernels take tensors on ('cuda'; 'cpu' only in Triton's interpreter, for tests)
+    #: the device type the kernels take tensors on ('cuda'; 'cpu' for the compiled CPU kernels and Triton's
+    #: interpreter)
     device_type: str
     dtypes: tuple[torch.dtype, ...]
     linear_norm: Callable | None = None
@@ -101,6 +105,7 @@ class LayerKernels:
     conv2d_norm: Callable | None = None
     conv2d_bookkeeping: Callable | None = None
     conv2d_ghost_norm: Callable | None = None
+    shifted_gram: Callable | None = None
 
     def takes(self, t: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the kernels run on ``t``'s device for operands of ``dtype`` (the rule's accumulation dtype)."""

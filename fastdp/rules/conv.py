@@ -287,7 +287,9 @@ def _ghost(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_
 
 def _shifted_ghost(call: LayerCall, x: torch.Tensor, d: torch.Tensor, augmult: int, per_row: bool) -> ConvWeight:
     geom: ConvGeometry = call.info["geom"]
-    sq = shifted_ghost(x, d, geom.kernel, geom.dilation, geom.padding, geom.groups, augmult, per_row)
+    kernels = call.engine.kernels
+    shift = kernels.shifted_gram if kernels is not None and kernels.takes(x, x.dtype) else None
+    sq = shifted_ghost(x, d, geom.kernel, geom.dilation, geom.padding, geom.groups, augmult, per_row, shift)
     return _book_keeping(geom, x, d, sq, augmult, per_row), sq, None
 
 

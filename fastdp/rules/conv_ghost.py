@@ -21,16 +21,25 @@ box additions (one box of the partial sum += one box of the previous one) instea
 2 (I^2 C_in + T^2 p) per example and 2k box additions of at most T x T: at 16x16 with 128 channels under 0.45x the
 FLOPs of instantiating G_i, and no im2col. With augmult the K views of an example are K blocks of
 positions: X and D between two views' positions give the cross terms of the norm of the views' sum.
+
+Where the backend has the ``shifted_gram`` kernel (the compiled extension, CPU and CUDA), S is summed from X in one
+launch that keeps each output row in cache, instead of 2k box additions that each pass over the chunk: a chunk then
+need not fit in cache, and one chunk usually takes the whole batch (~5 launches per layer instead of ~10 per chunk).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-#: bytes of Gram matrix formed at a time. On a CPU a few examples' worth, so that the k^n box additions run in cache;
-#: on a GPU the additions stream from memory anyway and each chunk costs ~k^n + 4 launches, so chunks are large (at
-#: 32x32 a Gram matrix is 4 MB: 2 MB chunks would make a batch of 256 cost ~3,000 launches)
+#: bytes of Gram matrix formed at a time. On a CPU with the box additions a few examples' worth, so that they run in
+#: cache; on a GPU the additions stream from memory anyway and each chunk costs ~k^n + 4 launches, so chunks are large
+#: (at 32x32 a Gram matrix is 4 MB: 2 MB chunks would make a batch of 256 cost ~3,000 launches). The shifted_gram
+#: kernel keeps its working set in cache whatever the chunk (CHUNK_BYTES_SHIFTED): the cap only bounds the transient
+#: memory of X and S on the CPU (measured, 16x16, 128 channels, batch 32: chunks of 8 and 32 examples equally fast)
 CHUNK_BYTES = {"cpu": 2 << 20}
+CHUNK_BYTES_SHIFTED = {"cpu": 32 << 20}
 CHUNK_BYTES_DEFAULT = 256 << 20
 
 
@@ -93,11 +102,13 @@ def shifted_ghost(
     groups: int,
     augmult: int,
     per_row: bool,
+    shifted_gram: Callable | None = None,
 ) -> torch.Tensor:
     """Ghost norm of a stride-1 convolution from the input's Gram matrix (module docstring).
 
     x (N, C_in, *S) is the layer input with the convolution's zero ``padding`` still to apply, d (N, C_out, *S_out).
-    Returns (B,) per-example squared norms, or (B, C_out) per output row if ``per_row``.
+    Returns (B,) per-example squared norms, or (B, C_out) per output row if ``per_row``. ``shifted_gram``: the
+    backend's kernel summing the shifts (fastdp.engine.interface.LayerKernels), None for the box additions.
     """
     N, cin = x.shape[:2]
     cout = d.shape[1]
@@ -111,18 +122,22 @@ def shifted_ghost(
 
     xs, ds = per_group_views(x, cin), per_group_views(d, cout)
     rows = B * g
-    chunk = CHUNK_BYTES.get(x.device.type, CHUNK_BYTES_DEFAULT)
+    chunk = (CHUNK_BYTES_SHIFTED if shifted_gram else CHUNK_BYTES).get(x.device.type, CHUNK_BYTES_DEFAULT)
     step = max(1, chunk // (xs.shape[2] ** 2 * xs.element_size()))
     out = []
     for s in range(0, rows, step):
         xc, dc = xs[s : s + step], ds[s : s + step]
         n = xc.shape[0]
-        summed = torch.bmm(xc.transpose(1, 2), xc).view(n, K, *in_shape, K, *in_shape)
-        # the shifts factor over the spatial axes (a patch entry is zero when any coordinate is in the padding):
-        # sum over one axis's k offsets, then the next's, k_1 + k_2 box additions instead of k_1 k_2
-        for j in range(nd):
-            summed = _shift_along(summed, 2 + j, 3 + nd + j, out_shape[j], kernel[j], dilation[j], padding[j])
-        summed = summed.reshape(n, dc.shape[2], dc.shape[2])
+        gram = torch.bmm(xc.transpose(1, 2), xc)
+        if shifted_gram is not None:
+            summed = shifted_gram(gram, in_shape, out_shape, kernel, dilation, padding, K)
+        else:
+            # the shifts factor over the spatial axes (a patch entry is zero when any coordinate is in the padding):
+            # sum over one axis's k offsets, then the next's, k_1 + k_2 box additions instead of k_1 k_2
+            summed = gram.view(n, K, *in_shape, K, *in_shape)
+            for j in range(nd):
+                summed = _shift_along(summed, 2 + j, 3 + nd + j, out_shape[j], kernel[j], dilation[j], padding[j])
+            summed = summed.reshape(n, dc.shape[2], dc.shape[2])
         if per_row:
             out.append((torch.bmm(dc, summed) * dc).sum(2))
         else:
