@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_engine, seed_of, split
+from conftest import reference, row_loss, run_engine, seed_of, split
 
 from fastdp import _ext
 
@@ -172,3 +172,30 @@ def test_cpp_backend_sums_the_shifts_with_it(per_row):
     torch.testing.assert_close(norms, got["torch"][1], rtol=1e-5, atol=0)
     for name in sums:
         torch.testing.assert_close(sums[name], got["torch"][0][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("net", ["conv2d", "ws"])
+def test_a_nonfinite_example_drops_only_itself(net, value):
+    """Through the kernel, an example with a non-finite input is dropped alone: the others' clipped sums are the
+    float64 loop's over them (Conv2dNet: 'same' with an even kernel and groups; WSNet: per-row norms)."""
+    from models import Conv2dNet, WSNet
+
+    from fastdp.engine import GradSampleEngine
+
+    torch.manual_seed(seed_of("nonfinite", net))
+    model = {"conv2d": Conv2dNet, "ws": WSNet}[net]()
+    x, t = type(model).inputs(6)
+    bad = x.clone()
+    bad[2, 1, 3, 3] = value
+    keep = [0, 1, 3, 4, 5]
+    ref, _ = reference(model, x[keep], t[keep], max_grad_norm=0.5)
+    eng = GradSampleEngine(model, max_grad_norm=0.5, loss_reduction="sum", backend="cpp", strategy="shifted_ghost")
+    with LaunchCounter() as counter:
+        row_loss(model(bad), t).sum().backward()
+    summed, norms = eng.pop()
+    eng.detach()
+    assert counter.launches["shifted_gram"] >= 1
+    assert not torch.isfinite(norms[2]) and torch.isfinite(norms[keep]).all()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
