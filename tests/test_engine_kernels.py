@@ -29,6 +29,7 @@ import fastdp  # noqa: E402
 from fastdp.backends import resolve_backend  # noqa: E402
 from fastdp.engine import GradSampleEngine  # noqa: E402
 from fastdp.kernels._triton import interpreting  # noqa: E402
+from fastdp.launches import LaunchCounter  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreting():  # a kernel module was imported before TRITON_INTERPRET was set
@@ -96,6 +97,35 @@ def test_fused_strategies_match_float64_loop(name, strategy, augmult, backend):
         torch.testing.assert_close(
             got[n].double().cpu(), ref[n], rtol=2e-5, atol=2e-6 * examples * C, msg=lambda m, n=n: f"{n}: {m}"
         )
+
+
+@pytest.mark.parametrize("name", ["conv2d", "ws"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shifted_ghost_sums_with_the_extension(name, backend):
+    """The torch strategy shifted_ghost on a GPU backend (the WS convs' per-row norms have no fused strategy): its
+    Gram sum is fastdp._C's shifted_gram where the extension has the device's kernel (borrowed by triton), one
+    launch per chunk, and the result is the float64 loop's."""
+    if backend not in fastdp.available_backends() + ["triton"]:
+        pytest.skip(f"backend {backend!r} is not available here")
+    lk = resolve_backend(backend).layer_kernels()
+    from fastdp import _ext
+
+    assert (lk.shifted_gram is not None) == (_ext.cuda_compiled() if DEVICE == "cuda" else _ext.cpu_available())
+    torch.manual_seed(seed_of("shifted_gram", name, backend))
+    model = MODELS[name]()
+    x, t = MODELS[name].inputs(6)
+    ref, ref_norms = reference(model, x, t, max_grad_norm=float("inf"))
+    C = ref_norms.median().item()
+    ref, _ = reference(model, x, t, max_grad_norm=C)
+    model, x, t = to_device(model, x, t)
+    with LaunchCounter() as counter:
+        got, norms, plans = run_engine(model, [(x[:2], t[:2]), (x[2:], t[2:])], strategy="shifted_ghost",
+                                       max_grad_norm=C, backend=backend)  # fmt: skip
+    assert "shifted_ghost" in plans.values()
+    assert (counter.launches["shifted_gram"] >= 2) == (lk.shifted_gram is not None)
+    torch.testing.assert_close(norms.double().cpu(), ref_norms, rtol=2e-5, atol=1e-7)
+    for n in ref:
+        torch.testing.assert_close(got[n].double().cpu(), ref[n], rtol=2e-5, atol=2e-6 * 6 * C)
 
 
 @pytest.mark.parametrize("strategy", ["fused_keep", "fused_bk"])

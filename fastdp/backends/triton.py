@@ -2,7 +2,8 @@
 
 Per-example norms by implicit GEMM (linear and conv2d, optionally writing G_i), the flash-style ghost norm, the
 clip-and-reduce and book-keeping kernels, and the multi-tensor noisy step. On a GPU; on CPU tensors only in Triton's
-interpreter (``TRITON_INTERPRET=1``, for tests).
+interpreter (``TRITON_INTERPRET=1``, for tests). The shifted ghost norm's Gram sum (which the WS convs' per-row norms
+run on: no fused strategy gives those) is fastdp._C's ``shifted_gram`` where the extension has it for the device.
 """
 
 from __future__ import annotations
@@ -94,9 +95,13 @@ def _layer_kernels(device_type: str) -> LayerKernels:
     def linear_bookkeeping(a, delta, w):
         return cr.clip_reduce_bookkeeping(a, delta, w, out_dtype=_accum(a.dtype))
 
+    from fastdp import _ext
+
+    borrowed = _ext.cuda_compiled() if device_type == "cuda" else _ext.cpu_available()
     return LayerKernels(
         device_type=device_type,
         dtypes=_DTYPES,
+        shifted_gram=torch.ops.fastdp.shifted_gram if borrowed else None,
         linear_norm=lambda a, d, out=None: psn.per_sample_norm(a, d, out=out),
         linear_ghost_norm=gn.ghost_norm,
         linear_bookkeeping=linear_bookkeeping,
