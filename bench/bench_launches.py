@@ -67,8 +67,9 @@ def count(model_name: str, private: bool, backend: str = "auto", batch: int | No
 def gpu_sizes():
     """Work split as on a GPU: the CPU caps the stacks of same-shape layers at 32 MiB (fastdp.engine.stacks, for its
     allocator's sake) and forms the shifted ghost norm's Gram matrices a few examples at a time
-    (fastdp.rules.conv_ghost, to stay in cache). Both split one launch into several that a GPU would not issue."""
-    tables = (stacks.STACK_MAX_BYTES, conv_ghost.CHUNK_BYTES)
+    (fastdp.rules.conv_ghost: 2 MB for the torch path's box additions to stay in cache, 32 MiB with fastdp._C's
+    shifted_gram). Both split one launch into several that a GPU would not issue."""
+    tables = (stacks.STACK_MAX_BYTES, conv_ghost.CHUNK_BYTES, conv_ghost.CHUNK_BYTES_SHIFTED)
     cpu = [t.pop("cpu", None) for t in tables]
     try:
         yield
