@@ -122,7 +122,7 @@ def shifted_ghost(
 
     xs, ds = per_group_views(x, cin), per_group_views(d, cout)
     rows = B * g
-    chunk = (CHUNK_BYTES_SHIFTED if shifted_gram else CHUNK_BYTES).get(x.device.type, CHUNK_BYTES_DEFAULT)
+    chunk = (CHUNK_BYTES if shifted_gram is None else CHUNK_BYTES_SHIFTED).get(x.device.type, CHUNK_BYTES_DEFAULT)
     step = max(1, chunk // (xs.shape[2] ** 2 * xs.element_size()))
     out = []
     for s in range(0, rows, step):
