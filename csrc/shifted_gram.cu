@@ -2,16 +2,21 @@
 //
 //   S[b, k1, t, k2, s] = sum_o X[b, k1, t + a_o, k2, s + a_o]
 //
-// One thread per output element, in a grid-stride loop; consecutive threads take consecutive s, so every offset's
-// reads of X are coalesced rows, and the k^n reads of one source element by neighbouring outputs hit L1/L2. Memory
-// traffic is one write of S and about one read of X, where the torch path's 2k box additions pass over the Gram
-// chunk 2k times, each a launch. The offsets are added in the order of the CPU kernel (o_1 outermost), with no
-// contraction possible (additions only): both give the same bits.
+// Layout: a block row (threadIdx.y) owns one output row (t, k2) of the planes (b, k1) grid y walks, a run of O
+// contiguous outputs, and its threadIdx.x lanes stride over s: consecutive lanes take consecutive s, so every
+// offset's reads of X are coalesced and the k^n reads of one source element by neighbouring outputs hit L1/L2. The
+// row's index arithmetic is done once per thread, and whether t + a_o is inside the input is the same for the whole
+// row (no divergence); only s is decomposed per output. All of it in 32-bit (64-bit division is a called routine
+// on the GPU, and its register saves spilled), the flat indices into X and S in 64-bit. Memory traffic is one write of S and about one read of X, where the
+// torch path's 2k box additions pass over the Gram chunk 2k times, each a launch. The offsets are added in the order
+// of the CPU kernel (o_1 outermost), with no contraction possible (additions only): both give the same bits.
 // No torch headers (raw pointers from bindings.cpp via ops.h).
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
+#include <stdexcept>
 
 #include "cuda_check.cuh"
 #include "dispatch.h"
@@ -24,43 +29,60 @@ constexpr int kThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) shifted_gram_kernel(const T* __restrict__ x, T* __restrict__ out,
-                                                                 const ShiftGeometry g, int64_t total) {
-  const int64_t O = g.out_numel, I = g.in_numel, K = g.views;
-  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < total; e += int64_t(gridDim.x) * kThreads) {
-    const int64_t s = e % O, k2 = (e / O) % K, t = (e / (K * O)) % O, bk = e / (K * O * O);
-    const int64_t t0 = t / (g.out[1] * g.out[2]), t1 = (t / g.out[2]) % g.out[1], t2 = t % g.out[2];
-    const int64_t s0 = s / (g.out[1] * g.out[2]), s1 = (s / g.out[2]) % g.out[1], s2 = s % g.out[2];
-    const T* __restrict__ base = x + bk * I * K * I + k2 * I;
-    T acc = T(0);
-    for (int64_t o0 = 0; o0 < g.kernel[0]; ++o0) {
-      const int64_t a0 = o0 * g.dilation[0] - g.padding[0], u0 = t0 + a0, v0 = s0 + a0;
-      if (u0 < 0 || u0 >= g.in[0] || v0 < 0 || v0 >= g.in[0]) continue;
-      for (int64_t o1 = 0; o1 < g.kernel[1]; ++o1) {
-        const int64_t a1 = o1 * g.dilation[1] - g.padding[1], u1 = t1 + a1, v1 = s1 + a1;
-        if (u1 < 0 || u1 >= g.in[1] || v1 < 0 || v1 >= g.in[1]) continue;
-        for (int64_t o2 = 0; o2 < g.kernel[2]; ++o2) {
-          const int64_t a2 = o2 * g.dilation[2] - g.padding[2], u2 = t2 + a2, v2 = s2 + a2;
-          if (u2 < 0 || u2 >= g.in[2] || v2 < 0 || v2 >= g.in[2]) continue;
-          const int64_t u = (u0 * g.in[1] + u1) * g.in[2] + u2, v = (v0 * g.in[1] + v1) * g.in[2] + v2;
-          acc += base[u * K * I + v];
+                                                                 const ShiftGeometry g, int64_t planes) {
+  // spatial sizes, offsets and positions in 32-bit (a side is far below 2^31), flat indices in 64-bit
+  const int O = int(g.out_numel), K = int(g.views);
+  const int64_t I = g.in_numel, stride = int64_t(K) * I;
+  // the row within its plane: r = t * K + k2 (a plane is one (b, k1): K O rows of O outputs)
+  const int r = int(blockIdx.x) * int(blockDim.y) + int(threadIdx.y);
+  if (r >= K * O) return;
+  const int k2 = r % K, t = r / K;
+  const int in0 = int(g.in[0]), in1 = int(g.in[1]), in2 = int(g.in[2]), out1 = int(g.out[1]), out2 = int(g.out[2]);
+  const int t0 = t / (out1 * out2), t1 = (t / out2) % out1, t2 = t % out2;
+  for (int64_t bk = blockIdx.y; bk < planes; bk += gridDim.y) {
+    // X[b, k1, :, k2, :] and the output row
+    const T* __restrict__ base = x + bk * I * stride + int64_t(k2) * I;
+    T* __restrict__ dst = out + (bk * K * O + r) * int64_t(O);
+    for (int s = threadIdx.x; s < O; s += blockDim.x) {
+      const int s0 = s / (out1 * out2), s1 = (s / out2) % out1, s2 = s % out2;
+      T acc = T(0);
+      // not unrolled: k^n is small and a run-time value, and unrolled copies of the three loops spilled registers
+#pragma unroll 1
+      for (int o0 = 0; o0 < int(g.kernel[0]); ++o0) {
+        const int a0 = o0 * int(g.dilation[0]) - int(g.padding[0]), u0 = t0 + a0, v0 = s0 + a0;
+        if (u0 < 0 || u0 >= in0 || v0 < 0 || v0 >= in0) continue;
+#pragma unroll 1
+        for (int o1 = 0; o1 < int(g.kernel[1]); ++o1) {
+          const int a1 = o1 * int(g.dilation[1]) - int(g.padding[1]), u1 = t1 + a1, v1 = s1 + a1;
+          if (u1 < 0 || u1 >= in1 || v1 < 0 || v1 >= in1) continue;
+#pragma unroll 1
+          for (int o2 = 0; o2 < int(g.kernel[2]); ++o2) {
+            const int a2 = o2 * int(g.dilation[2]) - int(g.padding[2]), u2 = t2 + a2, v2 = s2 + a2;
+            if (u2 < 0 || u2 >= in2 || v2 < 0 || v2 >= in2) continue;
+            const int u = (u0 * in1 + u1) * in2 + u2, v = (v0 * in1 + v1) * in2 + v2;
+            acc += base[int64_t(u) * stride + v];
+          }
         }
       }
+      dst[s] = acc;
     }
-    out[e] = acc;
   }
 }
 
 template <typename T>
 void launch(const void* gram, void* out, const ShiftGeometry& g, int64_t n, cudaStream_t stream) {
-  const int64_t total = n * g.views * g.out_numel * g.views * g.out_numel;
-  if (total == 0) return;
-  int device = 0, sms = 1;
-  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-  cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  // enough blocks to fill every SM several times over; the grid-stride loop takes the rest
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(sms) * 32);
-  shifted_gram_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(static_cast<const T*>(gram), static_cast<T*>(out),
-                                                                     g, total);
+  const int64_t planes = n * g.views, plane_rows = g.views * g.out_numel;
+  if (planes == 0 || plane_rows == 0) return;
+  if (plane_rows * g.out_numel > int64_t(INT32_MAX)) {
+    throw std::invalid_argument("shifted_gram_cuda: one example's output exceeds 2^31 entries");
+  }
+  // lanes over s (whole warps), rows filling the rest of the block; planes over grid y (a loop beyond 65535)
+  const int lanes = int(std::min<int64_t>(kThreads, (g.out_numel + 31) / 32 * 32));
+  const int rows_per_block = kThreads / lanes;
+  const int64_t blocks_x = (plane_rows + rows_per_block - 1) / rows_per_block;
+  const dim3 grid(unsigned(blocks_x), unsigned(std::min<int64_t>(planes, 65535)));
+  shifted_gram_kernel<T><<<grid, dim3(lanes, rows_per_block), 0, stream>>>(static_cast<const T*>(gram),
+                                                                           static_cast<T*>(out), g, planes);
   check_launch("shifted_gram_kernel");
 }
 
