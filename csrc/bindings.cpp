@@ -302,6 +302,11 @@ Tensor linear_sq_norms_cpu_op(const Tensor& a, const Tensor& delta, const std::o
 
 // ---- the shifted ghost norm's summed Gram matrix ----------------------------------------------------------------
 
+// Bounds of shifted_gram's geometry, far above any convolution's: every size, offset and position then fits the
+// kernels' 32-bit arithmetic (CUDA) and no product of the checks below overflows.
+constexpr int64_t kMaxShiftAxis = int64_t(1) << 24;  // a spatial size, kernel, dilation or padding: below this
+constexpr int64_t kMaxShiftSide = INT32_MAX;          // a side of gram or S (views * positions): at most this
+
 // Checks of shifted_gram; the geometry with fewer than 3 spatial axes padded by axes of size 1 and kernel 1.
 ShiftGeometry check_shifted_gram(const Tensor& gram, at::IntArrayRef in_shape, at::IntArrayRef out_shape,
                                  at::IntArrayRef kernel, at::IntArrayRef dilation, at::IntArrayRef padding,
@@ -311,13 +316,17 @@ ShiftGeometry check_shifted_gram(const Tensor& gram, at::IntArrayRef in_shape, a
   TORCH_CHECK(out_shape.size() == nd && kernel.size() == nd && dilation.size() == nd && padding.size() == nd, op,
               ": out_shape, kernel, dilation and padding must have one entry per spatial axis of in_shape ", in_shape,
               ", got ", out_shape, ", ", kernel, ", ", dilation, ", ", padding);
-  TORCH_CHECK(views >= 1, op, ": views must be >= 1, got ", views);
+  TORCH_CHECK(views >= 1 && views <= kMaxShiftSide, op, ": views must be in [1, 2^31), got ", views);
   ShiftGeometry g;
   g.views = views;
   for (size_t j = 0; j < nd; ++j) {
     const size_t k = j + 3 - nd;  // the given axes are the last ones
     TORCH_CHECK(in_shape[j] >= 1 && kernel[j] >= 1 && dilation[j] >= 1 && padding[j] >= 0, op,
                 ": sizes, kernel and dilation must be >= 1 and padding >= 0, got in_shape ", in_shape, ", kernel ",
+                kernel, ", dilation ", dilation, ", padding ", padding);
+    TORCH_CHECK(in_shape[j] < kMaxShiftAxis && kernel[j] < kMaxShiftAxis && dilation[j] < kMaxShiftAxis &&
+                    padding[j] < kMaxShiftAxis,
+                op, ": sizes, kernel, dilation and padding must be below 2^24, got in_shape ", in_shape, ", kernel ",
                 kernel, ", dilation ", dilation, ", padding ", padding);
     // the stride-1 convolution's output size: the shifts are only defined for it
     const int64_t expect = in_shape[j] + 2 * padding[j] - dilation[j] * (kernel[j] - 1);
@@ -329,8 +338,12 @@ ShiftGeometry check_shifted_gram(const Tensor& gram, at::IntArrayRef in_shape, a
     g.kernel[k] = kernel[j];
     g.dilation[k] = dilation[j];
     g.padding[k] = padding[j];
+    // each factor is below 2^24 and each partial product at most 2^31: no product can overflow
     g.in_numel *= in_shape[j];
     g.out_numel *= out_shape[j];
+    TORCH_CHECK(views * g.in_numel <= kMaxShiftSide, op,
+                ": a side of gram, views * prod(in_shape), must be below 2^31, got views ", views, " and in_shape ",
+                in_shape);
   }
   TORCH_CHECK(gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble, op,
               ": gram must be float32 or float64, got ", gram.scalar_type());

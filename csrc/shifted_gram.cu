@@ -73,9 +73,8 @@ template <typename T>
 void launch(const void* gram, void* out, const ShiftGeometry& g, int64_t n, cudaStream_t stream) {
   const int64_t planes = n * g.views, plane_rows = g.views * g.out_numel;
   if (planes == 0 || plane_rows == 0) return;
-  if (plane_rows * g.out_numel > int64_t(INT32_MAX)) {
-    throw std::invalid_argument("shifted_gram_cuda: one example's output exceeds 2^31 entries");
-  }
+  // the 32-bit row index r < K O (bindings.cpp bounds a side of S, K O, below 2^31)
+  if (plane_rows > int64_t(INT32_MAX)) throw std::invalid_argument("shifted_gram_cuda: a side of S exceeds 2^31 - 1");
   // lanes over s (whole warps), rows filling the rest of the block; planes over grid y (a loop beyond 65535)
   const int lanes = int(std::min<int64_t>(kThreads, (g.out_numel + 31) / 32 * 32));
   const int rows_per_block = kThreads / lanes;

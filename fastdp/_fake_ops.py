@@ -306,6 +306,11 @@ def _linear_sq_norms_fake(a: torch.Tensor, delta: torch.Tensor, grads: torch.Ten
 # ---- the shifted ghost norm's summed Gram matrix ---------------------------------------------------------------------
 
 
+#: bindings.cpp kMaxShiftAxis and kMaxShiftSide
+_MAX_SHIFT_AXIS = 1 << 24
+_MAX_SHIFT_SIDE = 2**31 - 1
+
+
 def _shifted_gram_fake(
     gram: torch.Tensor,
     in_shape: Sequence[int],
@@ -325,13 +330,19 @@ def _shifted_gram_fake(
         f"out_shape, kernel, dilation and padding must have one entry per spatial axis of in_shape {list(in_shape)}, "
         f"got {list(out_shape)}, {list(kernel)}, {list(dilation)}, {list(padding)}",
     )
-    _check(views >= 1, op, f"views must be >= 1, got {views}")
+    _check(1 <= views <= _MAX_SHIFT_SIDE, op, f"views must be in [1, 2^31), got {views}")
     geometry = f"kernel {list(kernel)}, dilation {list(dilation)}, padding {list(padding)}"
+    positions = 1
     for i, o, k, dil, pad in zip(in_shape, out_shape, kernel, dilation, padding, strict=True):
         _check(
             i >= 1 and k >= 1 and dil >= 1 and pad >= 0,
             op,
             f"sizes, kernel and dilation must be >= 1 and padding >= 0, got in_shape {list(in_shape)}, {geometry}",
+        )
+        _check(
+            max(i, k, dil, pad) < _MAX_SHIFT_AXIS,
+            op,
+            f"sizes, kernel, dilation and padding must be below 2^24, got in_shape {list(in_shape)}, {geometry}",
         )
         expect = i + 2 * pad - dil * (k - 1)
         _check(
@@ -339,6 +350,13 @@ def _shifted_gram_fake(
             op,
             f"out_shape {list(out_shape)} is not the stride-1 convolution's output size of in_shape "
             f"{list(in_shape)} ({geometry})",
+        )
+        positions *= i
+        _check(
+            views * positions <= _MAX_SHIFT_SIDE,
+            op,
+            f"a side of gram, views * prod(in_shape), must be below 2^31, got views {views} and in_shape "
+            f"{list(in_shape)}",
         )
     _check(gram.dtype in _FLOAT_PARAMS, op, f"gram must be float32 or float64, got {gram.dtype}")
     side_in, side_out = views * math.prod(in_shape), views * math.prod(out_shape)

@@ -170,9 +170,11 @@ def _set_item(k, value):
 
 
 def _bad_shift(index, value):
+    """shifted_gram's arguments with argument ``index`` (or each of a tuple of indices) replaced by ``value``."""
     args, kwargs = shifted_gram_args()
     args = list(args)
-    args[index] = value(args[index]) if callable(value) else value
+    for i in index if isinstance(index, tuple) else (index,):
+        args[i] = value(args[i]) if callable(value) else value
     return tuple(args), kwargs
 
 
@@ -260,7 +262,11 @@ BAD_CALLS = [
     (ops.shifted_gram.default, lambda: _bad_shift(2, [5, 5]), "not the stride-1 convolution's output size"),
     (ops.shifted_gram.default, lambda: _bad_shift(3, [3]), "one entry per spatial axis"),
     (ops.shifted_gram.default, lambda: _bad_shift(5, [-1, 1]), "padding >= 0"),
-    (ops.shifted_gram.default, lambda: _bad_shift(6, 0), "views must be >= 1"),
+    (ops.shifted_gram.default, lambda: _bad_shift(6, 0), r"views must be in \[1, 2\^31\)"),
+    # sizes whose products would wrap around in 64 bits: refused before any product is formed
+    (ops.shifted_gram.default, lambda: _bad_shift(6, 2**62 + 1), r"views must be in \[1, 2\^31\)"),
+    (ops.shifted_gram.default, lambda: _bad_shift(1, [2**62 + 1, 6]), "must be below 2\\^24"),
+    (ops.shifted_gram.default, lambda: _bad_shift((1, 2), [2**20, 2**20]), r"views \* prod\(in_shape\), must be"),
     # the CPU kernel of linear_sq_norms only says that there is none
     (ops.linear_sq_norms.default, lambda: ((torch.randn(2, 3, 4), torch.randn(2, 3, 5)), {}), "CUDA kernel only"),
 ]
