@@ -23,6 +23,7 @@ namespace {
 // The offsets of the kernel, with what each row of the output needs of them.
 struct Offsets {
   std::vector<int64_t> a;      // (k^3, 3): a_o per axis
+  std::vector<int64_t> lo, hi;  // (k^3, 3): per axis, the output positions s with s + a_o inside the input
   std::vector<int64_t> flat;   // a_o as a flat index shift (only where the input and output positions coincide)
   std::vector<int64_t> range;  // (k^3, 2): the flat output positions [start, end) that hold every valid s
   // (k^3, O): whether s + a_o is inside the input (the masks of the flat loop)
@@ -49,6 +50,8 @@ Offsets offsets_of(const ShiftGeometry& g) {
       lo[j] = std::max<int64_t>(0, -a[j]);
       hi[j] = std::min(g.out[j], g.in[j] - a[j]);
       o.a.push_back(a[j]);
+      o.lo.push_back(lo[j]);
+      o.hi.push_back(hi[j]);
     }
     o.flat.push_back((a[0] * g.in[1] + a[1]) * g.in[2] + a[2]);
     const bool empty = lo[0] >= hi[0] || lo[1] >= hi[1] || lo[2] >= hi[2];
@@ -104,9 +107,8 @@ FASTDP_HD void shift_row(const T* __restrict x, T* __restrict out, const ShiftGe
         for (int64_t s = start; s < end; ++s) dst[s] += m[s] != 0.0f ? shifted[s] : T(0);
         continue;
       }
-      const int64_t lo[3] = {std::max<int64_t>(0, -a[0]), std::max<int64_t>(0, -a[1]), std::max<int64_t>(0, -a[2])};
-      const int64_t hi[3] = {std::min(g.out[0], g.in[0] - a[0]), std::min(g.out[1], g.in[1] - a[1]),
-                             std::min(g.out[2], g.in[2] - a[2])};
+      const int64_t* lo = off.lo.data() + 3 * i;
+      const int64_t* hi = off.hi.data() + 3 * i;
       for (int64_t s0 = lo[0]; s0 < hi[0]; ++s0) {
         for (int64_t s1 = lo[1]; s1 < hi[1]; ++s1) {
           T* __restrict line = dst + (s0 * g.out[1] + s1) * g.out[2];
