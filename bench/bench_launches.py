@@ -65,10 +65,10 @@ def count(model_name: str, private: bool, backend: str = "auto", batch: int | No
 
 @contextmanager
 def gpu_sizes():
-    """Work split as on a GPU: the CPU caps the stacks of same-shape layers at 32 MiB (fastdp.engine.stacks, for its
-    allocator's sake) and forms the shifted ghost norm's Gram matrices a few examples at a time
+    """Work split as on a GPU: the CPU forms the shifted ghost norm's Gram matrices a few examples at a time
     (fastdp.rules.conv_ghost: 2 MB for the torch path's box additions to stay in cache, 32 MiB with fastdp._C's
-    shifted_gram). Both split one launch into several that a GPU would not issue."""
+    shifted_gram), which splits one launch into several that a GPU would not issue. The stacks' byte caps
+    (fastdp.engine.stacks) are lifted with them where a device type has its own."""
     tables = (stacks.STACK_MAX_BYTES, conv_ghost.CHUNK_BYTES, conv_ghost.CHUNK_BYTES_SHIFTED)
     cpu = [t.pop("cpu", None) for t in tables]
     try:

@@ -1,6 +1,7 @@
 """Same-shape book-keeping layers finished as one stack (fastdp.engine.stacks) against the float64 per-example loop:
-both torch book-keeping plans, augmult, micro-batches, both reductions, dropped (non-finite) examples, and stacks
-split by their byte cap."""
+both torch book-keeping plans, augmult, micro-batches (of growing and shrinking sizes, so that the workspace's
+buffers are grown and reused), both reductions, dropped (non-finite) examples, and stacks split by their byte cap;
+the workspace (fastdp.engine.workspace) keeps the copies in the same memory and nothing handed out aliases it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 import fastdp.engine.engine as engine_module
 import fastdp.engine.stacks as stacks_module
 from fastdp.engine import GradSampleEngine
+from fastdp.engine.workspace import Workspace
 from fastdp.rules.linear import LinearBookKeeping, LinearStack
 
 
@@ -42,8 +44,8 @@ def stacked(monkeypatch):
     seen: list[list[tuple[str, int]]] = []
     gather = engine_module.gather_stacks
 
-    def spy(contributions):
-        out = gather(contributions)
+    def spy(contributions, buffers):
+        out = gather(contributions, buffers)
         seen.append([(type(s).__name__, len(s.params)) for s in out])
         return out
 
@@ -51,7 +53,7 @@ def stacked(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("sizes", [(6,), (2, 4)])
+@pytest.mark.parametrize("sizes", [(6,), (2, 4), (4, 2, 6)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("augmult", [1, 2])
 @pytest.mark.parametrize("strategy", ["ghost", "instantiate_bk"])
@@ -120,3 +122,56 @@ def test_a_stack_is_each_layers_sum_and_norm_and_leaves_the_operands_alone():
     torch.testing.assert_close(sq.double()[keep], ref_sq[keep], rtol=1e-5, atol=1e-6)
     assert sq[1].isnan()
     torch.testing.assert_close((a, d), before, equal_nan=True, rtol=0, atol=0)
+
+
+def test_the_stacks_copy_into_the_same_memory_every_backward_and_nothing_handed_out_aliases_it(stacked):
+    """On the CPU the second backward's stacks are views of the first one's buffers (no new allocation, no page
+    faults), and the clipped sums of the first, handed out before the second ran, are unchanged by it."""
+    torch.manual_seed(11)
+    model = Tower()
+    eng = GradSampleEngine(model, max_grad_norm=0.3, loss_reduction="sum", strategy="ghost", backend="torch")
+    seen = []
+    stack_init = LinearStack.__init__
+
+    def spy(self, members, buffers):
+        stack_init(self, members, buffers)
+        seen.append((self.a.untyped_storage().data_ptr(), self.d.untyped_storage().data_ptr()))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(LinearStack, "__init__", spy)
+        x, t = Tower.inputs(5)
+        row_loss(model(x), t).sum().backward()
+        first, _ = eng.pop()
+        first = {p: s.clone() for p, s in first.items()} | {"views": first}
+        held = eng.workspace.nbytes
+        x2, t2 = Tower.inputs(5)
+        row_loss(model(x2), t2).sum().backward()
+        second, _ = eng.pop()
+    assert stacked == [[("LinearStack", 3)]] * 2
+    held_at = {b.data_ptr() for b in eng.workspace._buffers.values()}
+    assert seen[0] == seen[1] and set(seen[0]) <= held_at  # the workspace's own buffers, not a recycled block
+    assert held == eng.workspace.nbytes == 3 * 5 * 4 * (6 + 6) * 4  # a and delta of the 3 blocks, float32
+    for p, s in first["views"].items():
+        torch.testing.assert_close(s, first[p], rtol=0, atol=0)
+        assert not torch.equal(s, second[p])
+
+
+def test_a_workspace_slot_grows_by_an_eighth_and_is_reused_for_smaller_requests():
+    ws = Workspace()
+    like = torch.empty(0)
+    a = ws.take("s", (4, 100), like)
+    assert ws.nbytes == 400 * 4
+    b = ws.take("s", (3, 100), like)  # smaller: a view of the same buffer
+    assert b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and b.shape == (3, 100)
+    ws.take("s", (401,), like)  # one more element: the buffer grows by an eighth
+    assert ws.nbytes == 450 * 4
+    ws.take("s", (1000,), like)  # more than an eighth: to the request
+    assert ws.nbytes == 1000 * 4
+    ws.take("s", (10,), like.double())  # another dtype: its own buffer in that slot
+    assert ws.nbytes == 10 * 8
+    # where the device caches (here: meta, and anything not in HELD) nothing is held
+    assert ws.take("m", (7,), torch.empty(0, device="meta")).shape == (7,)
+    assert ws.nbytes == 10 * 8
+    take = ws.buffers("t")  # one clip step's allocator: slots in the order asked
+    assert take((2,), like).untyped_storage().data_ptr() != take((2,), like).untyped_storage().data_ptr()
+    assert ws.buffers("t")((2,), like).untyped_storage().data_ptr() == ws.take(("t", 0), (2,), like).data_ptr()

@@ -39,6 +39,7 @@ from fastdp.engine.provenance import (
     signature,
 )
 from fastdp.engine.stacks import gather_stacks
+from fastdp.engine.workspace import Workspace
 from fastdp.engine.wrapping import Forward, Hook
 from fastdp.rules import fallback_rule, known_strategies, rule_for
 from fastdp.rules.base import Rule
@@ -121,6 +122,8 @@ class GradSampleEngine:
         #: the running clipped sums of this logical batch's groups (flat buffers, stacks), with the views ``summed``
         #: holds of them
         self._group_sums: dict[tuple, tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]] = {}
+        #: the clip step's copies, in the same memory every backward where the device does not cache (the CPU)
+        self.workspace = Workspace()
         #: the provenance of every wrapped call, by the model input's signature (fastdp.engine.provenance), and why a
         #: forward of that signature mixes the examples (None when it does not: see ``_exit``)
         self.layouts: dict[tuple, dict[tuple[nn.Module, int], CallLayout]] = {}
@@ -400,7 +403,8 @@ class GradSampleEngine:
             # costs the launches of one
             groups = Flat.gather(merged)
             grouped = {p for g in groups for p in g.params}
-            groups += gather_stacks({p: c for p, c in merged.items() if p not in grouped})
+            stackable = {p: c for p, c in merged.items() if p not in grouped}
+            groups += gather_stacks(stackable, self.workspace.buffers("stack"))
             grouped = {p for g in groups for p in g.params}
             rest = {p: c for p, c in merged.items() if p not in grouped}
             sqs = [g.sq_norm() for g in groups] + grouped_sq_norms(rest.values())

@@ -9,9 +9,10 @@ Exactness is unaffected: each layer's norm and sum are computed from its own ope
 batched launch; the squared norms of the layers add as they would one by one.
 
 A contribution opts in with ``stack_key()`` (fastdp.engine.interface.Contribution), ``held_bytes``, ``device`` and
-``stacked(members)``, which returns an object with ``params``, ``sq_norm()``, ``weighted_sum(w)`` and
-``split(total)`` (as fastdp.engine.flat.Flat). A stack copies at most ``STACK_MAX_BYTES`` of operands; larger groups
-of one shape are split into several stacks.
+``stacked(members, buffers)``, which returns an object with ``params``, ``sq_norm()``, ``weighted_sum(w)`` and
+``split(total)`` (as fastdp.engine.flat.Flat) and copies into tensors from ``buffers`` (the engine's workspace,
+fastdp.engine.workspace: on the CPU the same memory every backward). A stack copies at most ``STACK_MAX_BYTES`` of
+operands; larger groups of one shape are split into several stacks.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-#: the most bytes of operands one stack copies, by device type. On a GPU the caching allocator reuses the memory of
-#: the previous step's stacks; the cap only bounds the transient memory. On the CPU glibc serves an allocation over
-#: 32 MiB (its largest mmap threshold) by a fresh mmap every time, whose first touch page-faults: stacking 115 MB
-#: took 24 ms on 2 cores, the same data as four stacks under 32 MiB 12 ms.
-STACK_MAX_BYTES = {"cpu": 1 << 25}
+from fastdp.engine.workspace import Buffers, fresh
+
+#: the most bytes of operands one stack copies, by device type (none listed: the default). It bounds one allocation,
+#: not the clip step's memory (all stacks are alive at once). The CPU had 32 MiB, glibc's largest mmap threshold,
+#: while the stacks were allocated every backward (a larger block was mapped afresh and faulted page by page); the
+#: workspace now keeps them mapped.
+STACK_MAX_BYTES: dict[str, int] = {}
 DEFAULT_STACK_MAX_BYTES = 1 << 28
 
 
@@ -33,8 +36,9 @@ def stack_max_bytes(device: torch.device) -> int:
     return STACK_MAX_BYTES.get(device.type, DEFAULT_STACK_MAX_BYTES)
 
 
-def gather_stacks(contributions: dict[nn.Parameter, Any]) -> list[Any]:
-    """The stacks of the contributions that have same-shape partners (two or more per stack)."""
+def gather_stacks(contributions: dict[nn.Parameter, Any], buffers: Buffers = fresh) -> list[Any]:
+    """The stacks of the contributions that have same-shape partners (two or more per stack), copied into tensors
+    from ``buffers``."""
     groups: dict[tuple, list] = {}
     for p, c in contributions.items():
         key = c.stack_key()
@@ -45,13 +49,13 @@ def gather_stacks(contributions: dict[nn.Parameter, Any]) -> list[Any]:
         chunk, held, cap = [], 0, stack_max_bytes(members[0][1].device)
         for p, c in members:
             if chunk and held + c.held_bytes > cap:
-                stacks.extend(_stack(cls, chunk))
+                stacks.extend(_stack(cls, chunk, buffers))
                 chunk, held = [], 0
             chunk.append((p, c))
             held += c.held_bytes
-        stacks.extend(_stack(cls, chunk))
+        stacks.extend(_stack(cls, chunk, buffers))
     return stacks
 
 
-def _stack(cls: type, chunk: list) -> list[Any]:
-    return [cls.stacked(chunk)] if len(chunk) > 1 else []
+def _stack(cls: type, chunk: list, buffers: Buffers) -> list[Any]:
+    return [cls.stacked(chunk, buffers)] if len(chunk) > 1 else []

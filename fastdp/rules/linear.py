@@ -29,6 +29,7 @@ from torch import nn
 from fastdp.engine import costs
 from fastdp.engine.contributions import Kept, accum_dtype, sq_norms, zero_dropped
 from fastdp.engine.interface import Contribution, LayerKernels
+from fastdp.engine.workspace import Buffers, fresh
 from fastdp.rules.base import (
     Cost,
     LayerCall,
@@ -103,8 +104,8 @@ class LinearBookKeeping(Contribution):
         return self.a.device
 
     @staticmethod
-    def stacked(members: Sequence[tuple[nn.Parameter, LinearBookKeeping]]) -> LinearStack:
-        return LinearStack(members)
+    def stacked(members: Sequence[tuple[nn.Parameter, LinearBookKeeping]], buffers: Buffers) -> LinearStack:
+        return LinearStack(members, buffers)
 
     def _accum(self) -> tuple[torch.Tensor, torch.Tensor]:
         """a and delta in the accumulation dtype: a fused norm holds them as 16-bit tensors under autocast, and a
@@ -119,11 +120,12 @@ class LinearStack:
     S_l = A_l^T diag(w) Delta_l for all of them (~10 launches instead of ~8 per layer). Each layer's sum is computed
     as it would be alone; only the launches are shared."""
 
-    def __init__(self, members: Sequence[tuple[nn.Parameter, LinearBookKeeping]]) -> None:
+    def __init__(self, members: Sequence[tuple[nn.Parameter, LinearBookKeeping]], buffers: Buffers = fresh) -> None:
         self.params = tuple(p for p, _ in members)
         operands = [c._accum() for _, c in members]
-        self.a = torch.stack([a for a, _ in operands])
-        self.d = torch.stack([d for _, d in operands])
+        a0, d0 = operands[0]
+        self.a = torch.stack([a for a, _ in operands], out=buffers((len(members), *a0.shape), a0))
+        self.d = torch.stack([d for _, d in operands], out=buffers((len(members), *d0.shape), d0))
         self.sqs = [c.sq for _, c in members]  # all None (ghost, taken here) or all known: part of the stack key
 
     def sq_norm(self) -> torch.Tensor:
