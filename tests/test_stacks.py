@@ -5,6 +5,9 @@ the workspace (fastdp.engine.workspace) keeps the copies in the same memory and 
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import assert_exact, reference, row_loss, seed_of
@@ -175,3 +178,25 @@ def test_a_workspace_slot_grows_by_an_eighth_and_is_reused_for_smaller_requests(
     take = ws.buffers("t")  # one clip step's allocator: slots in the order asked
     assert take((2,), like).untyped_storage().data_ptr() != take((2,), like).untyped_storage().data_ptr()
     assert ws.buffers("t")((2,), like).untyped_storage().data_ptr() == ws.take(("t", 0), (2,), like).data_ptr()
+
+
+def test_stacked_layers_release_their_operands_once_copied(monkeypatch):
+    """After the stacks are formed, the clip step holds one copy of the stacked layers' operands, not two: each member
+    dropped its a and delta, and no other reference kept those tensors alive (the output gradients are freed)."""
+    torch.manual_seed(13)
+    model = Tower()
+    GradSampleEngine(model, max_grad_norm=0.3, loss_reduction="sum", strategy="ghost", backend="torch")
+    gather, seen = engine_module.gather_stacks, {}
+
+    def spy(contributions, buffers):
+        before = {p: (c, weakref.ref(c.d)) for p, c in contributions.items() if isinstance(c, LinearBookKeeping)}
+        out = gather(contributions, buffers)
+        gc.collect()
+        seen.update({p: (c.a is None and c.d is None, ref() is None) for p, (c, ref) in before.items()})
+        return out
+
+    monkeypatch.setattr(engine_module, "gather_stacks", spy)
+    x, t = Tower.inputs(5)
+    row_loss(model(x), t).sum().backward()
+    stacked = {b.weight for b in model.blocks}
+    assert {p for p, (released, freed) in seen.items() if released and freed} == stacked

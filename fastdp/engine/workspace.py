@@ -1,14 +1,17 @@
 """Buffers the clip step reuses from one backward to the next, on devices whose allocator does not cache.
 
 The stacks (fastdp.engine.stacks) copy the book-keeping layers' operands in every backward: ~600 MB for ViT-S at
-batch 32. On a GPU, torch's caching allocator hands the previous backward's blocks out again. On the CPU, glibc serves
-a block above its mmap threshold (dynamic, at most 32 MiB) with a fresh mapping and unmaps it when it is freed, so
-every page of the copies faults on its first touch, in every step: ~150k faults per ViT-S step. What a fault costs
-is the machine's: on this project's VM the same copies took 120 ms in one session and 370 ms to 1.2 s in another
-(bench/RESULTS.md, session 10). From a workspace they take ~45 ms: its pages stay mapped.
+batch 32. On a GPU, torch's caching allocator hands the previous backward's blocks out again. On the CPU, glibc
+serves a block above its mmap threshold (dynamic, at most 32 MiB) with a fresh mapping and unmaps it when it is
+freed, so every page of the copies faults on its first touch, in every step: 30-38 thousand faults per ViT-S
+backward. What a fault costs is the machine's: on this project's VM the same copies took 120 ms in one session and
+370 ms to 1.2 s in another (bench/RESULTS.md, session 10). From a workspace they take ~45 ms: its pages stay mapped.
 
-The price is memory held between steps: each slot's largest request. The step's peak is unchanged, because the
-stacks are alive at the clip step either way (ViT-S, batch 32: peak RSS 1905 MB without, 1906 MB with).
+The price is memory: each slot's largest request, held between steps. It raises the step's peak where the stacks
+were not alive at it before: ViT-S at batch 32 peaks at 1831 MB RSS with the workspace and 1604 MB without, 1080 MB
+non-private (high-water marks taken as bench/peak_memory.py takes them; the stacked layers release their own
+operands once copied). Where memory matters more than the copies' time, ``HELD`` can be emptied
+(``fastdp.engine.workspace.HELD = frozenset()``; an engine's ``workspace.clear()`` drops what it holds already).
 """
 
 from __future__ import annotations

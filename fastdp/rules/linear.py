@@ -99,6 +99,10 @@ class LinearBookKeeping(Contribution):
     def held_bytes(self) -> int:
         return self.a.nbytes + self.d.nbytes
 
+    def release(self) -> None:
+        """Drop a and delta: a stack has copied them (fastdp.engine.stacks), and finishes this layer."""
+        self.a = self.d = None
+
     @property
     def device(self) -> torch.device:
         return self.a.device
