@@ -10,7 +10,8 @@ import torch
 from conftest import BACKENDS, reference, row_loss, run_engine, seed_of, split
 from models import MODELS, Conv2dNet, SharedNet
 
-from fastdp.engine import GradSampleEngine
+from fastdp.engine import GradSampleEngine, planning
+from fastdp.nn import WSConv2d
 
 #: the layers each strategy runs on when forced, by model, in model order: those whose rule offers it. Every other
 #: layer must not offer it (conftest.forced_strategy_layers checks that a layer that offers it ran it). A model that
@@ -281,6 +282,36 @@ def test_memory_budget_steers_the_plan():
         assert costs[choice].memory == min(c.memory for c in costs.values()), (module, choice)
     for n, p in model.named_parameters():
         torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=2e-6 * ref[n].abs().max().item())
+
+
+@pytest.mark.parametrize(
+    ("pool_layers", "plan"),
+    [(0, ["unfold_bk", "unfold_bk"]), (1.5, ["unfold", "unfold_bk"]), (2, ["unfold", "unfold"])],
+)
+def test_the_auto_budget_lets_layers_draw_on_a_shared_pool_in_forward_order(monkeypatch, pool_layers, plan):
+    """Under "auto" each layer may hold twice its input and draw the rest from a pool (a share of the device's
+    memory) in forward order. Two WS convs (64 -> 64, 16x16, batch 4) whose cheapest plan by the cost model (unfold:
+    per-example gradients, 589,824 bytes) holds 65,536 bytes more than their allowance (524,288); book-keeping
+    (unfold_bk) fits it. With a pool of 0, 1.5 and 2 layers' excess: neither, the first, both keep their gradients."""
+    monkeypatch.setattr(planning, "device_memory", lambda device: 1 << 20)
+    monkeypatch.setattr(planning, "AUTO_POOL_SHARE", pool_layers * 65536 / (1 << 20))
+    torch.manual_seed(21)
+    model = torch.nn.Sequential(WSConv2d(64, 64, 3, padding=1), torch.nn.Tanh(), WSConv2d(64, 64, 3, padding=1))
+    x, t = torch.randn(4, 64, 16, 16), torch.randn(4, 64, 16, 16)
+    ref, _ = reference(model, x, t, max_grad_norm=0.5)
+    eng = GradSampleEngine(model, max_grad_norm=0.5, autotune=False)
+    row_loss(model(x), t).mean().backward()
+    summed, _ = eng.pop()
+    assert [eng.plans[model[i]][1] for i in (0, 2)] == plan
+    costs = eng.plan_costs[model[0]]
+    assert (costs["unfold"].memory, costs["unfold_bk"].memory) == (589824, 524288)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=2e-6 * ref[n].abs().max().item())
+
+
+def test_device_memory_is_known_for_the_cpu():
+    assert planning.device_memory(torch.device("cpu")) > 1 << 30
+    assert planning.device_memory(torch.device("meta")) == 0  # unknown: no pool
 
 
 def test_running_statistics_of_the_private_batch_are_refused():

@@ -66,7 +66,8 @@ class GradSampleEngine:
         clipping: "flat" (min(1, C/||g||)) or "automatic" (C / (||g|| + clip_gamma)).
         clip_gamma: the stabiliser of automatic clipping.
         memory_budget: what the plan may hold for the clip step (per-example gradients, or layer inputs and
-            output grads): "auto" (default) lets each layer hold twice its own input; a number is a total in
+            output grads): "auto" (default) lets each layer hold twice its own input and draw more from a pool of
+            1/32 of the device's memory that the layers share (fastdp.engine.planning); a number is a total in
             bytes at the micro-batch size the plan is made for; None is no limit.
         strategy: force one strategy on every layer that offers it (testing and benchmarking); None to plan.
         autotune: plan by timing every candidate once per layer and input shape (on the real input and a
