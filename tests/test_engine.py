@@ -309,9 +309,17 @@ def test_the_auto_budget_lets_layers_draw_on_a_shared_pool_in_forward_order(monk
         torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=2e-6 * ref[n].abs().max().item())
 
 
-def test_device_memory_is_known_for_the_cpu():
-    assert planning.device_memory(torch.device("cpu")) > 1 << 30
+def test_device_memory_is_known_for_the_cpu_and_a_containers_limit_lowers_it(monkeypatch, tmp_path):
+    physical = planning.device_memory(torch.device("cpu"))
+    assert physical > 1 << 30
     assert planning.device_memory(torch.device("meta")) == 0  # unknown: no pool
+    limit, unlimited = tmp_path / "memory.max", tmp_path / "unlimited"
+    limit.write_text("1073741824\n")
+    unlimited.write_text("max\n")
+    monkeypatch.setattr(planning, "_CGROUP_LIMITS", (str(unlimited), str(tmp_path / "absent"), str(limit)))
+    assert planning._cpu_memory() == min(1 << 30, physical)
+    monkeypatch.setattr(planning, "_CGROUP_LIMITS", (str(unlimited),))
+    assert planning._cpu_memory() >= physical
 
 
 def test_running_statistics_of_the_private_batch_are_refused():

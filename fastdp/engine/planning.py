@@ -34,11 +34,29 @@ PlanKey = tuple[tuple[int, ...], torch.dtype, int]
 AUTO_POOL_SHARE = 1 / 32
 
 
+#: where a container's memory limit is (cgroup v2, v1); a value above the machine's memory means none
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def _cpu_memory() -> int:
+    """The machine's physical memory, or the container's limit where that is lower."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in _CGROUP_LIMITS:
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
 @functools.cache
 def _memory_of(device_type: str, index: int | None) -> int:
     try:
         if device_type == "cpu":
-            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            return _cpu_memory()
         if device_type == "cuda":
             return torch.cuda.get_device_properties(index if index is not None else 0).total_memory
     except (ValueError, OSError, RuntimeError, AssertionError):  # not reported here: no pool
@@ -47,7 +65,8 @@ def _memory_of(device_type: str, index: int | None) -> int:
 
 
 def device_memory(device: torch.device) -> int:
-    """Bytes of memory ``device`` has: physical memory for the CPU, the GPU's own; 0 where unknown (no pool)."""
+    """Bytes of memory ``device`` has: the CPU's physical memory (or the container's limit), the GPU's own; 0 where
+    unknown (no pool)."""
     return _memory_of(device.type, device.index)
 
 
