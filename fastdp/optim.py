@@ -49,8 +49,8 @@ class DPOptimizer(torch.optim.Optimizer):
         accountant: "pld" (default) or "rdp".
         secure_rng: draw the noise from OS entropy (see fastdp.noise for its cost).
         seed: seed of the noise generator (ignored with secure_rng).
-        memory_budget: what the per-layer plan may hold for the clip step: "auto" (each layer twice its input,
-            and together at most 1/32 of the device's memory beyond that), a total in bytes, or None for no limit.
+        memory_budget: what the per-layer plan may hold for the clip step: "auto" (each layer at most twice
+            its input), a total in bytes, or None for no limit.
         strategy: force one per-layer strategy everywhere it exists ("keep", "unfold", "instantiate_bk",
             "unfold_bk", "ghost"); None to plan.
         autotune: plan each layer by timing its strategies once per input shape (default) or, if False, by

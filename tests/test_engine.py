@@ -10,8 +10,8 @@ import torch
 from conftest import BACKENDS, reference, row_loss, run_engine, seed_of, split
 from models import MODELS, Conv2dNet, SharedNet
 
-from fastdp.engine import GradSampleEngine, planning
-from fastdp.nn import WSConv2d
+from fastdp.engine import GradSampleEngine
+from fastdp.rules import rule_for
 
 #: the layers each strategy runs on when forced, by model, in model order: those whose rule offers it. Every other
 #: layer must not offer it (conftest.forced_strategy_layers checks that a layer that offers it ran it). A model that
@@ -284,42 +284,55 @@ def test_memory_budget_steers_the_plan():
         torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=2e-6 * ref[n].abs().max().item())
 
 
-@pytest.mark.parametrize(
-    ("pool_layers", "plan"),
-    [(0, ["unfold_bk", "unfold_bk"]), (1.5, ["unfold", "unfold_bk"]), (2, ["unfold", "unfold"])],
-)
-def test_the_auto_budget_lets_layers_draw_on_a_shared_pool_in_forward_order(monkeypatch, pool_layers, plan):
-    """Under "auto" each layer may hold twice its input and draw the rest from a pool (a share of the device's
-    memory) in forward order. Two WS convs (64 -> 64, 16x16, batch 4) whose cheapest plan by the cost model (unfold:
-    per-example gradients, 589,824 bytes) holds 65,536 bytes more than their allowance (524,288); book-keeping
-    (unfold_bk) fits it. With a pool of 0, 1.5 and 2 layers' excess: neither, the first, both keep their gradients."""
-    monkeypatch.setattr(planning, "device_memory", lambda device: 1 << 20)
-    monkeypatch.setattr(planning, "AUTO_POOL_SHARE", pool_layers * 65536 / (1 << 20))
-    torch.manual_seed(21)
-    model = torch.nn.Sequential(WSConv2d(64, 64, 3, padding=1), torch.nn.Tanh(), WSConv2d(64, 64, 3, padding=1))
-    x, t = torch.randn(4, 64, 16, 16), torch.randn(4, 64, 16, 16)
-    ref, _ = reference(model, x, t, max_grad_norm=0.5)
-    eng = GradSampleEngine(model, max_grad_norm=0.5, autotune=False)
-    row_loss(model(x), t).mean().backward()
-    summed, _ = eng.pop()
-    assert [eng.plans[model[i]][1] for i in (0, 2)] == plan
-    costs = eng.plan_costs[model[0]]
-    assert (costs["unfold"].memory, costs["unfold_bk"].memory) == (589824, 524288)
+class _Raises(torch.autograd.Function):
+    """Identity forward; its backward raises (a failing node of the user's, midway through the backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("a node of the user's failed")
+
+
+def test_a_backward_that_raises_midway_leaves_nothing_behind():
+    """The layers after the failing node (in backward order) recorded their contributions, but the backward ended
+    before its finalize: the next backward starts a pass of its own (with a warning) and its sums are the loop's
+    over its own examples, not added to the stale ones (nor, as before this was handled, lost in them)."""
+    torch.manual_seed(8)
+    model = Conv2dNet()
+    eng = GradSampleEngine(model, max_grad_norm=0.5, loss_reduction="sum", backend="torch")
+    x, t = Conv2dNet.inputs(4)
+    hook = model.c2.register_forward_hook(lambda mod, inp, out: _Raises.apply(out))
+    with pytest.raises(RuntimeError, match="a node of the user's failed"):
+        row_loss(model(x), t).sum().backward()  # c3, gn and fc recorded before it raised
+    hook.remove()
+    x2, t2 = Conv2dNet.inputs(5)
+    ref, _ = reference(model, x2, t2, max_grad_norm=0.5)
+    with pytest.warns(UserWarning, match="an earlier backward raised before it finished"):
+        row_loss(model(x2), t2).sum().backward()
+    summed, norms = eng.pop()
+    assert norms.shape == (5,)
     for n, p in model.named_parameters():
         torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=2e-6 * ref[n].abs().max().item())
 
 
-def test_device_memory_is_known_for_the_cpu_and_a_containers_limit_lowers_it(monkeypatch, tmp_path):
-    physical = planning.device_memory(torch.device("cpu"))
-    assert physical > 1 << 30
-    assert planning.device_memory(torch.device("meta")) == 0  # unknown: no pool
-    limit, unlimited = tmp_path / "memory.max", tmp_path / "unlimited"
-    limit.write_text("1073741824\n")
-    unlimited.write_text("max\n")
-    monkeypatch.setattr(planning, "_CGROUP_LIMITS", (str(unlimited), str(tmp_path / "absent"), str(limit)))
-    assert planning._cpu_memory() == min(1 << 30, physical)
-    monkeypatch.setattr(planning, "_CGROUP_LIMITS", (str(unlimited),))
-    assert planning._cpu_memory() >= physical
+def test_a_restored_plan_drops_the_candidates_of_an_earlier_one():
+    """A plan restored over one this engine made for another input keeps none of that plan's candidates (they need
+    not include the restored choice): a later plan under a numeric budget, which sums the other layers' chosen
+    costs, would look it up among them."""
+    torch.manual_seed(9)
+    net = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(1))  # noqa: E731
+    model = net()
+    eng = GradSampleEngine(model, max_grad_norm=1.0, autotune=False, memory_budget=1 << 30)
+    model(torch.randn(4, 3, 8, 8)).square().sum().backward()
+    eng.pop()
+    offered = set(eng.plan_costs[model[0]])
+    absent = sorted(set(rule_for(model[0]).strategy_names) - offered)[0]  # a choice those candidates lack
+    shape, dtype, _, rows = eng.plan_state()["0"]
+    eng.load_plan_state({"0": ([3, 12, 12], dtype, absent, rows)})
+    assert model[0] not in eng.plan_costs and eng.plans[model[0]][1] == absent
 
 
 def test_running_statistics_of_the_private_batch_are_refused():

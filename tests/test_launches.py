@@ -55,9 +55,10 @@ def test_dp_step_launches_within_budget_and_never_syncs(model, backend):
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="fastdp._C is not built")
 def test_default_cpu_path_holds_the_goal_at_the_benches_batch():
-    """At batch 32 the CPU splits work a GPU would not (the shifted ghost norms' Gram matrices in chunks): with fastdp._C's shifted_gram, WRN-40-4's step still issues at most GOAL x the non-private step's
-    launches (1.22x; 1.55x with the box additions' 2 MB chunks; WRN-16-4 1.25x and 1.46x, under the goal either way,
-    so not run here)."""
+    """At batch 32 the CPU splits work a GPU would not (the shifted ghost norms' Gram matrices in chunks): with
+    fastdp._C's shifted_gram, WRN-40-4's step still issues at most GOAL x the non-private step's launches (1.22x;
+    1.55x with the box additions' 2 MB chunks; WRN-16-4 1.25x and 1.46x, under the goal either way, so not run
+    here)."""
     plain, dp = count("wrn-40-4", private=False, batch=32), count("wrn-40-4", private=True, backend="cpp", batch=32)
     assert dp.total / plain.total <= GOAL, (dp.total, plain.total, dp.launches.most_common(8))
 

@@ -6,6 +6,7 @@ the workspace (fastdp.engine.workspace) keeps the copies in the same memory and 
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -200,3 +201,19 @@ def test_stacked_layers_release_their_operands_once_copied(monkeypatch):
     row_loss(model(x), t).sum().backward()
     stacked = {b.weight for b in model.blocks}
     assert {p for p, (released, freed) in seen.items() if released and freed} == stacked
+
+
+def test_stacks_under_create_graph_record_autograd_and_match_the_loop():
+    """``backward(create_graph=True)``: the operands require grad, and a copy into a workspace buffer (``out=``)
+    cannot record autograd; the stacks are then new tensors, and the sums are the loop's."""
+    torch.manual_seed(17)
+    model = Tower()
+    x, t = Tower.inputs(5)
+    ref, _ = reference(model, x, t, max_grad_norm=0.3)
+    eng = GradSampleEngine(model, max_grad_norm=0.3, loss_reduction="sum", strategy="ghost", backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note on backward(create_graph=True) and .grad cycles
+        row_loss(model(x), t).sum().backward(create_graph=True)
+    summed, _ = eng.pop()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")

@@ -66,8 +66,7 @@ class GradSampleEngine:
         clipping: "flat" (min(1, C/||g||)) or "automatic" (C / (||g|| + clip_gamma)).
         clip_gamma: the stabiliser of automatic clipping.
         memory_budget: what the plan may hold for the clip step (per-example gradients, or layer inputs and
-            output grads): "auto" (default) lets each layer hold twice its own input and draw more from a pool of
-            1/32 of the device's memory that the layers share (fastdp.engine.planning); a number is a total in
+            output grads): "auto" (default) lets each layer hold twice its own input; a number is a total in
             bytes at the micro-batch size the plan is made for; None is no limit.
         strategy: force one strategy on every layer that offers it (testing and benchmarking); None to plan.
         autotune: plan by timing every candidate once per layer and input shape (on the real input and a
@@ -131,6 +130,7 @@ class GradSampleEngine:
         self.refusals: dict[tuple, str | None] = {}
         self._pass: dict[nn.Parameter, list[Contribution]] | None = None
         self._pass_examples = 0
+        self._pass_task = -1  # the autograd graph task (one backward call) that began the pass
         self._bypass = False
         self._micro: _MicroBatch | None = None
         self._depth = 0
@@ -195,6 +195,7 @@ class GradSampleEngine:
         for h in self._hooks:
             h.remove()
         self._wrapped, self._hooks = [], []
+        self.workspace.clear()
 
     # ------------------------------------------------------------------ the micro-batch of a forward
     def _enter(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -373,8 +374,19 @@ class GradSampleEngine:
                     "would be counted twice and the privacy guarantee would be wrong; run a new forward per backward."
                 )
             call.consumed = True
+            task = torch._C._current_graph_task_id()
+            if self._pass is not None and task != self._pass_task:
+                # the backward that began this pass raised before its end, so its _finalize never ran: what it
+                # recorded is dropped (it clipped nothing and reached no gradient), else this backward would add to
+                # it and queue no finalize of its own
+                warnings.warn(
+                    "fastdp: an earlier backward raised before it finished; the per-example gradients it had "
+                    "recorded are discarded (that micro-batch contributes nothing).",
+                    stacklevel=2,
+                )
+                self._pass = None
             if self._pass is None:
-                self._pass, self._pass_examples = {}, call.examples
+                self._pass, self._pass_examples, self._pass_task = {}, call.examples, task
                 torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
             elif call.examples != self._pass_examples:
                 raise ValueError(

@@ -62,8 +62,12 @@ class Contribution:
 
     def stack_key(self) -> Any:
         """Contributions of one class and equal keys (not None) are finished together by that class's
-        ``stacked(members)``: one batched norm and one batched sum for same-shape layers (fastdp.engine.stacks)."""
+        ``stacked(members, buffers)``: one batched norm and one batched sum for same-shape layers
+        (fastdp.engine.stacks)."""
         return None
+
+    def release(self) -> None:
+        """Drop what a stack has copied (fastdp.engine.stacks): the stack finishes this contribution."""
 
     def norm_key(self) -> Any:
         """Contributions of one class and equal keys (not None) have their squared norms taken together by that

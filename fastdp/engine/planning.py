@@ -8,8 +8,6 @@ will use); without, it takes the cheapest by the model. A forced ``strategy`` ru
 
 from __future__ import annotations
 
-import functools
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -30,45 +28,6 @@ _PRUNE = 5.0
 #: a plan's key: the layer input's shape after dim 0, its dtype, and the rows per example
 PlanKey = tuple[tuple[int, ...], torch.dtype, int]
 
-#: the share of the device's memory that the "auto" budget's layers may hold together beyond twice their inputs
-AUTO_POOL_SHARE = 1 / 32
-
-
-#: where a container's memory limit is (cgroup v2, v1); a value above the machine's memory means none
-_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
-
-
-def _cpu_memory() -> int:
-    """The machine's physical memory, or the container's limit where that is lower."""
-    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for path in _CGROUP_LIMITS:
-        try:
-            with open(path) as f:
-                limit = f.read().strip()
-        except OSError:
-            continue
-        if limit.isdigit():
-            total = min(total, int(limit))
-    return total
-
-
-@functools.cache
-def _memory_of(device_type: str, index: int | None) -> int:
-    try:
-        if device_type == "cpu":
-            return _cpu_memory()
-        if device_type == "cuda":
-            return torch.cuda.get_device_properties(index if index is not None else 0).total_memory
-    except (ValueError, OSError, RuntimeError, AssertionError):  # not reported here: no pool
-        pass
-    return 0
-
-
-def device_memory(device: torch.device) -> int:
-    """Bytes of memory ``device`` has: the CPU's physical memory (or the container's limit), the GPU's own; 0 where
-    unknown (no pool)."""
-    return _memory_of(device.type, device.index)
-
 
 class Planner:
     """Plans and remembers each layer's strategy.
@@ -76,8 +35,7 @@ class Planner:
     Args:
         owner: the engine the timing calls report to (fastdp.engine.interface.CallOwner).
         kernels, reducer: the backend's layer kernels (offered by the rules as ``fused_*``) and clip-and-reduce.
-        memory_budget: "auto" (each layer twice its input, and a share of a common pool), a total in bytes, or None
-            (no limit).
+        memory_budget: "auto" (each layer at most twice its input), a total in bytes, or None (no limit).
         strategy: a strategy to force wherever a layer offers it, or None.
         autotune: time the shortlisted candidates (True) or rank them by the cost model (False).
         backend_name: for messages.
@@ -98,8 +56,6 @@ class Planner:
         self.backend_name = backend_name
         self.plans: dict[nn.Module, tuple[PlanKey, str]] = {}
         self.costs: dict[nn.Module, dict[str, Cost]] = {}
-        #: each planned layer's own allowance under the "auto" budget (twice its input); it drew the rest from the pool
-        self._own: dict[nn.Module, float] = {}
 
     def plan(self, call: LayerCall, inputs: Sequence[torch.Tensor]) -> str:
         """The strategy ``call``'s layer runs on ``inputs`` (planned on the first call with this key)."""
@@ -120,8 +76,7 @@ class Planner:
         if self.strategy is not None and self.strategy in candidates:
             choice = self.strategy
         else:
-            allowance = self._allowance(module, inputs)
-            fits = {k: c for k, c in candidates.items() if c.memory <= allowance}
+            fits = {k: c for k, c in candidates.items() if c.memory <= self._allowance(module, inputs)}
             if len(fits) > 1 and self.autotune:
                 times = self._time(call, inputs, shortlist(fits))
                 if times:
@@ -140,23 +95,14 @@ class Planner:
     def _allowance(self, module: nn.Module, inputs: Sequence[torch.Tensor]) -> float:
         """Bytes this layer's plan may hold for the clip step.
 
-        "auto": twice the layer's own input, and beyond that a share of a pool (``AUTO_POOL_SHARE`` of the device's
-        memory) that the layers draw on in forward order. Holding a layer's input and output grad (book-keeping) or
-        per-example gradients of that order keeps the DP step's extra memory of the order of the activations the
-        ordinary backward holds anyway; the large per-example gradients of low-resolution, wide layers at large
-        batches (B * p * d >> B * T * (C_in + p)) are what it rules out. The pool lets small batches keep the
-        per-example gradients where that is faster (WRN-16-4 at batch 32 on the CPU: its 16x16 layers' 19 MB
-        each, against 8 MB allowed by their input; De et al.'s batch 4096 on a GPU needs 2.4 GB per such layer).
-        A number is a total over all layers, spent greedily in forward order; None is no limit.
+        "auto": twice the layer's own input. Holding a layer's input and output grad (book-keeping) or
+        per-example gradients of that order keeps the DP step's extra memory of the order of the activations
+        the ordinary backward holds anyway; the large per-example gradients of low-resolution, wide layers
+        (B * p * d >> B * T * (C_in + p)) are what it rules out. A number is a total over all layers, spent
+        greedily in forward order; None is no limit.
         """
         if self.memory_budget == "auto":
-            own = self._own[module] = 2.0 * sum(x.numel() * x.element_size() for x in inputs)
-            drawn = sum(
-                max(0.0, self.costs[mod][c].memory - self._own[mod])
-                for mod, (_, c) in self.plans.items()
-                if mod is not module and mod in self.costs and mod in self._own
-            )
-            return own + max(0.0, AUTO_POOL_SHARE * device_memory(inputs[0].device) - drawn)
+            return 2.0 * sum(x.numel() * x.element_size() for x in inputs)
         if self.memory_budget is None:
             return float("inf")
         # plans restored from a state_dict carry no cost; they were within budget when first made
@@ -227,7 +173,10 @@ class Planner:
             if name not in modules:
                 raise KeyError(f"saved plan names module {name!r}, which this model does not have")
             m = rest[0] if rest else augmult  # plans saved before rows per example were part of the key
-            self.plans[modules[name]] = ((tuple(shape), getattr(torch, dtype.removeprefix("torch.")), m), choice)
+            module = modules[name]
+            self.plans[module] = ((tuple(shape), getattr(torch, dtype.removeprefix("torch.")), m), choice)
+            # candidates of an earlier plan of this engine's need not include the restored choice
+            self.costs.pop(module, None)
 
 
 def shortlist(fits: dict[str, Cost]) -> list[str]:

@@ -127,9 +127,8 @@ class LinearStack:
     def __init__(self, members: Sequence[tuple[nn.Parameter, LinearBookKeeping]], buffers: Buffers = fresh) -> None:
         self.params = tuple(p for p, _ in members)
         operands = [c._accum() for _, c in members]
-        a0, d0 = operands[0]
-        self.a = torch.stack([a for a, _ in operands], out=buffers((len(members), *a0.shape), a0))
-        self.d = torch.stack([d for _, d in operands], out=buffers((len(members), *d0.shape), d0))
+        self.a = _stacked([a for a, _ in operands], buffers)
+        self.d = _stacked([d for _, d in operands], buffers)
         self.sqs = [c.sq for _, c in members]  # all None (ghost, taken here) or all known: part of the stack key
 
     def sq_norm(self) -> torch.Tensor:
@@ -159,6 +158,14 @@ class LinearStack:
 
     def split(self, total: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         return dict(zip(self.params, total.unbind(0), strict=True))
+
+
+def _stacked(tensors: list[torch.Tensor], buffers: Buffers) -> torch.Tensor:
+    """``torch.stack(tensors)`` into a tensor from ``buffers``; a new one where the copy must record autograd
+    (``backward(create_graph=True)``: operands that require grad, which ``out=`` refuses)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return torch.stack(tensors)
+    return torch.stack(tensors, out=buffers((len(tensors), *tensors[0].shape), tensors[0]))
 
 
 @dataclass(frozen=True)
