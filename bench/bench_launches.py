@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 import fastdp
-from fastdp.engine import stacks
 from fastdp.launches import LaunchCounter
 from fastdp.models import build_model
 from fastdp.rules import conv_ghost
@@ -67,9 +66,8 @@ def count(model_name: str, private: bool, backend: str = "auto", batch: int | No
 def gpu_sizes():
     """Work split as on a GPU: the CPU forms the shifted ghost norm's Gram matrices a few examples at a time
     (fastdp.rules.conv_ghost: 2 MB for the torch path's box additions to stay in cache, 32 MiB with fastdp._C's
-    shifted_gram), which splits one launch into several that a GPU would not issue. The stacks' byte caps
-    (fastdp.engine.stacks) are lifted with them where a device type has its own."""
-    tables = (stacks.STACK_MAX_BYTES, conv_ghost.CHUNK_BYTES, conv_ghost.CHUNK_BYTES_SHIFTED)
+    shifted_gram), which splits one launch into several that a GPU would not issue."""
+    tables = (conv_ghost.CHUNK_BYTES, conv_ghost.CHUNK_BYTES_SHIFTED)
     cpu = [t.pop("cpu", None) for t in tables]
     try:
         yield

@@ -76,7 +76,7 @@ def test_stacks_split_at_their_byte_cap(monkeypatch, stacked):
     model = Tower()
     x, t = Tower.inputs(6)
     one = 6 * 4 * (6 + 6) * 4  # a block's a and delta in float32
-    monkeypatch.setitem(stacks_module.STACK_MAX_BYTES, "cpu", 2 * one)
+    monkeypatch.setattr(stacks_module, "STACK_MAX_BYTES", 2 * one)
     assert_exact(model, x, t, (6,), strategy="ghost")
     assert stacked == [[("LinearStack", 2)]]  # the third block alone: finished as a layer
 

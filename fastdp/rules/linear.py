@@ -103,10 +103,6 @@ class LinearBookKeeping(Contribution):
         """Drop a and delta: a stack has copied them (fastdp.engine.stacks), and finishes this layer."""
         self.a = self.d = None
 
-    @property
-    def device(self) -> torch.device:
-        return self.a.device
-
     @staticmethod
     def stacked(members: Sequence[tuple[nn.Parameter, LinearBookKeeping]], buffers: Buffers) -> LinearStack:
         return LinearStack(members, buffers)
