@@ -239,16 +239,19 @@ def test_a_failing_kernel_loses_its_strategies_not_the_run():
         torch.testing.assert_close(summed[p].double().cpu(), ref[n], rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["fused_keep", "fused_bk"])
-def test_fused_strategies_under_bf16_autocast(strategy):
+@pytest.mark.parametrize(
+    "name, strategy", [("conv2d", "fused_keep"), ("conv2d", "fused_bk"), ("ws", "fused_keep")]
+)  # WS convs (per-row norms) offer fused_keep alone
+def test_fused_strategies_under_bf16_autocast(name, strategy):
     """Under bf16 autocast the fused plans' norms and clipped sums are as close to float64 as plain torch's bf16
     per-example gradients (at most twice their error), the kernels take the bf16 activations and output gradients
-    as they are (no fp32 copies: tensor cores, fp32 accumulation) and the clipped sums leave them in fp32."""
+    as they are (no fp32 copies: tensor cores, fp32 accumulation; weight-standardised convs too) and the clipped sums
+    leave them in fp32."""
     import dataclasses
 
     torch.manual_seed(5)
-    model = MODELS["conv2d"]()
-    x, t = MODELS["conv2d"].inputs(4)
+    model = MODELS[name]()
+    x, t = MODELS[name].inputs(4)
     ref, ref_norms = reference(model, x, t, max_grad_norm=float("inf"))
     plain = copy.deepcopy(model)
     torch_norms, torch_sum = [], None
@@ -278,10 +281,10 @@ def test_fused_strategies_under_bf16_autocast(strategy):
         loss = row_loss(model(x), t).sum()
     loss.backward()
     summed, norms = eng.pop()
-    assert forced_strategy_layers(eng, strategy) == FUSED_LAYERS["conv2d"]
+    assert forced_strategy_layers(eng, strategy) == FUSED_LAYERS[name]
     assert norms.dtype == torch.float32
-    # norm kernels for the 3 layers (and book-keeping kernels for their clipped sums), all on bf16 operands
-    assert len(operands) == (3 if strategy == "fused_keep" else 6)
+    # a norm kernel per fused layer (and a book-keeping kernel for its clipped sum), all on bf16 operands
+    assert len(operands) == len(FUSED_LAYERS[name]) * (1 if strategy == "fused_keep" else 2)
     assert set(operands) == {(torch.bfloat16, torch.bfloat16)}
     assert all(summed[p].dtype == torch.float32 for p in model.parameters())
     assert (norms.double().cpu() - ref_norms).abs().max().item() <= 2 * torch_norm_err + 1e-6 * ref_norms.max().item()

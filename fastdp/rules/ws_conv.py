@@ -30,8 +30,8 @@ import torch
 from fastdp.engine.contributions import Kept, accum_dtype, views_summed
 from fastdp.engine.interface import Contribution
 from fastdp.nn.ws_conv import ScaledStdConv2d, WSConv2d, standardize_weight
-from fastdp.rules.base import LayerCall, compute_dtype, register_rule, trainable
-from fastdp.rules.conv import GHOST_STRATEGIES, ConvRule, bias_grads
+from fastdp.rules.base import LayerCall, compute_dtype, kernel_operands, register_rule, trainable
+from fastdp.rules.conv import FUSED, GHOST_STRATEGIES, ConvRule, bias_grads
 
 
 class StandardizationJacobian:
@@ -147,7 +147,12 @@ class WSConvRule(ConvRule):
     def contributions(self, call: LayerCall, saved, grad_out: torch.Tensor, augmult: int):
         m = call.module
         acc = accum_dtype(m.weight.dtype)
-        x, d = saved[0].to(acc), grad_out.to(acc)
+        # fused_keep hands 16-bit operands to the kernel as they are (G_i comes back in acc); the ghost strategies'
+        # per-row terms are torch products in acc
+        if call.strategy in FUSED:
+            x, d = kernel_operands(call.engine.kernels, acc, saved[0], grad_out)
+        else:
+            x, d = saved[0].to(acc), grad_out.to(acc)
         N, p = d.shape[:2]
         B = N // augmult
         info = call.info
@@ -167,7 +172,7 @@ class WSConvRule(ConvRule):
             elif name == "gain":
                 out.append((param, Kept((gu * m.scale).view(B, *param.shape).to(param.dtype))))
             else:
-                out.append((param, Kept(bias_grads(d, augmult).to(param.dtype))))
+                out.append((param, Kept(bias_grads(d, augmult, acc).to(param.dtype))))
         return out
 
     @staticmethod
