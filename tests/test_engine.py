@@ -196,6 +196,24 @@ def test_nonfinite_example_contributes_zero():
         torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=1e-7)
 
 
+def test_example_whose_norm_overflows_is_dropped_and_counted():
+    """An input of 1e20 gives gradients of ~1e40: inf in float32, and an inf norm without any NaN. The example is
+    dropped (weight 0, counted as non-finite) like a NaN one, and the others are clipped as without it."""
+    torch.manual_seed(4)
+    model = torch.nn.Linear(5, 3)
+    x, t = torch.randn(4, 5), torch.randn(4, 3)
+    x_bad = x.clone()
+    x_bad[2, 0] = 1e20
+    keep = [0, 1, 3]
+    ref, _ = reference(model, x[keep], t[keep], max_grad_norm=0.5)
+    eng = GradSampleEngine(model, max_grad_norm=0.5, loss_reduction="sum")
+    row_loss(model(x_bad), t).sum().backward()
+    summed, norms = eng.pop()
+    assert torch.isinf(norms[2]) and eng.nonfinite_examples == 1
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=1e-7)
+
+
 def test_fallback_warns_once_and_names_module():
     with pytest.warns(UserWarning, match=r"scale \(Scale\).*torch.func"):
         GradSampleEngine(SharedNet(), max_grad_norm=1.0)

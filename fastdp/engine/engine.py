@@ -9,6 +9,7 @@ batch size belong to the optimizer step.
 
 from __future__ import annotations
 
+import math
 import warnings
 from functools import partial
 
@@ -426,7 +427,7 @@ class GradSampleEngine:
             # branch-free: a non-finite example gets weight 0, and every contribution reads a zero-weight example's
             # rows as exact zeros (the Contribution contract); nothing here asks the host whether one occurred
             factors = self.clip_fn(norms, self.max_grad_norm, self.clip_gamma)
-            weights = torch.where(torch.isfinite(norms), factors * scale, 0.0)
+            weights = torch.where(_finite(norms), factors * scale, 0.0)
             with reducing_with(self.reducer, weights):
                 for g in groups:
                     self._add_group(g, g.weighted_sum(weights))
@@ -524,8 +525,14 @@ class _MicroBatch:
         return (*feed(layout, binding, self.examples * K, K), moved)
 
 
+def _finite(norms: torch.Tensor) -> torch.Tensor:
+    """Which per-example norms are finite, as one comparison: a norm is >= 0, inf or NaN, and NaN < inf is false
+    (``torch.isfinite`` is four ops: abs, ne, eq and their product)."""
+    return norms < math.inf
+
+
 def _count_nonfinite(norms: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(norms).logical_not_().sum()
+    return _finite(norms).logical_not_().sum()
 
 
 def _device_of(model: nn.Module) -> torch.device | None:
