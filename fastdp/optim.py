@@ -126,14 +126,8 @@ class DPOptimizer(torch.optim.Optimizer):
             autotune=autotune,
             backend=self.backend.name,
         )
-        dp_params = {id(p) for p in self.engine.params}
         for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in dp_params:
-                    raise ValueError(
-                        "the optimizer has a parameter that is not a trainable parameter of `model` "
-                        f"(shape {tuple(p.shape)}); build the optimizer over model.parameters()."
-                    )
+            self._check_clipped(group["params"])
         self.group = active_group(process_group)
         if self.group is not None:
             broadcast_module(model, self.group)
@@ -145,6 +139,25 @@ class DPOptimizer(torch.optim.Optimizer):
         self.examples_last_batch = 0
         #: the non-finite counts of past steps on their way to the host: (step, examples, HostRead), oldest first
         self._nonfinite_reads: deque[tuple[int, int, HostRead]] = deque()
+
+    def _check_clipped(self, params) -> None:
+        """Every trainable parameter the optimizer updates must be one whose per-example gradients the engine clips."""
+        clipped = {id(p) for p in self.engine.params}
+        for p in params:
+            if p.requires_grad and id(p) not in clipped:
+                raise ValueError(
+                    "the optimizer has a parameter that is not a trainable parameter of `model` as the DP optimizer "
+                    f"was built (shape {tuple(p.shape)}): its gradient would not be clipped. Build the optimizer "
+                    "over model.parameters(), with the parameters to train already unfrozen and the layers added."
+                )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """The wrapped optimizer's ``add_param_group``, for parameters the engine clips (see ``_check_clipped``)."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        self._check_clipped(params)
+        self.inner.add_param_group({**param_group, "params": params})
+        self._fused = None  # the fused step is chosen again for the new parameters
 
     # the wrapped optimizer's state is this optimizer's state (LR schedulers read and write param_groups)
     @property
@@ -258,7 +271,8 @@ class DPOptimizer(torch.optim.Optimizer):
         # with several ranks only rank 0 adds noise, before the sums are added up: the total carries it once
         noisy = std > 0 and (self.group is None or dist.get_rank(self.group) == 0)
         offsets = self._noise_offsets()
-        params = [p for p in self.engine.params if p in offsets]  # the others are not updated by the optimizer
+        # the others are not updated by the optimizer, or frozen since it was built (as on the fused path)
+        params = [p for p in self.engine.params if p in offsets and p.requires_grad]
         # the engine's sums are fresh tensors owned by this step, so noise and scaling can go in place
         grads = [summed[p] if p in summed else torch.zeros_like(p) for p in params]
         if noisy:

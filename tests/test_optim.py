@@ -427,3 +427,71 @@ def test_calibrated_steps_is_the_calibration_length_and_one_step_more_warns_once
     # a given sigma has no calibrated length and never warns
     given = fastdp.DPSGD(Conv2dNet(), lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=30)
     assert given.calibrated_steps is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_unfrozen_after_the_optimizer_is_refused(backend):
+    """A layer frozen when the DP optimizer is built is not prepared for per-example gradients: once unfrozen its
+    gradient would be unclipped (on the torch path it reached the update as it was). The step refuses, naming it,
+    and leaves the parameters as they were."""
+    torch.manual_seed(21)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    opt = fastdp.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, noise_multiplier=1.0, max_grad_norm=1.0,
+        expected_batch_size=4, seed=0, backend=backend,
+    )  # fmt: skip
+    x, t = torch.randn(4, 4), torch.randn(4, 2)
+    row_loss(model(x), t).mean().backward()
+    opt.step()
+    model[0].requires_grad_(True)
+    before = [p.detach().clone() for p in model.parameters()]
+    row_loss(model(x * 1000), t).mean().backward()
+    with pytest.raises(RuntimeError, match=r"parameter '0.weight' \(shape \(4, 4\)\) is trainable, but was frozen"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_a_parameter_frozen_after_the_optimizer_is_not_updated(backend, sigma):
+    """Freezing part of the model later is fine on every path: the frozen parameters get neither noise nor update
+    (the torch path used to add noise to them), the others are clipped as without them."""
+    torch.manual_seed(22)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # noise_multiplier=0
+        opt = fastdp.DPSGD(
+            model, lr=0.1, noise_multiplier=sigma, max_grad_norm=0.5, expected_batch_size=4, seed=0, backend=backend
+        )
+    model[0].requires_grad_(False)
+    x, t = torch.randn(4, 4), torch.randn(4, 2)
+    ref, _ = reference(model, x, t, max_grad_norm=0.5)  # over the trainable parameters only
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    row_loss(model(x), t).mean().backward()
+    g = stepped_gradient(model, opt, lr=0.1)
+    assert all(torch.equal(a, p) for a, p in zip(frozen, model[0].parameters(), strict=True))
+    if sigma == 0:
+        for n in ("2.weight", "2.bias"):
+            torch.testing.assert_close(g[n].double(), ref[n] / 4, rtol=1e-4, atol=1e-6)
+
+
+def test_add_param_group_takes_only_clipped_parameters():
+    """add_param_group adds parameters whose per-example gradients the engine clips; a layer added to the model
+    after the optimizer (never wrapped) is refused instead of training on its raw gradient."""
+    torch.manual_seed(23)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = fastdp.DPOptimizer(
+        torch.optim.SGD(model[0].parameters(), lr=0.1), model, noise_multiplier=1.0, max_grad_norm=1.0,
+        expected_batch_size=4, seed=0,
+    )  # fmt: skip
+    opt.add_param_group({"params": model[1].parameters(), "lr": 0.05})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.05
+    model.add_module("head", torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"not a trainable parameter of `model` as the DP optimizer was built"):
+        opt.add_param_group({"params": model.head.parameters()})
+    before = model[1].weight.detach().clone()
+    row_loss(model(torch.randn(4, 4)), torch.randn(4, 2)).mean().backward()
+    with pytest.raises(RuntimeError, match=r"parameter 'head.weight' .* is trainable, but was frozen"):
+        opt.step()  # the head is in the model, trainable, and not clipped
+    assert torch.equal(before, model[1].weight)

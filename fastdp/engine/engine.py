@@ -132,6 +132,7 @@ class GradSampleEngine:
         self._pass: dict[nn.Parameter, list[Contribution]] | None = None
         self._pass_examples = 0
         self._pass_task = -1  # the autograd graph task (one backward call) that began the pass
+        self._pass_forward = None  # the model forward its layer calls belong to
         self._bypass = False
         self._micro: _MicroBatch | None = None
         self._depth = 0
@@ -332,8 +333,8 @@ class GradSampleEngine:
         tensors, rows, moved = micro.rows_of(module, binding, self)
         m = next((r for r, data in zip(rows, binding.data, strict=True) if r is not None and data), self.augmult)
         call = LayerCall(
-            self, rule, module, strategy="", examples=micro.examples, rows_per_example=m, input_rows=tuple(rows),
-            binding=binding,
+            self, rule, module, strategy="", examples=micro.examples, forward=micro, rows_per_example=m,
+            input_rows=tuple(rows), binding=binding,
         )  # fmt: skip
         if moved:  # a position-wise layer fed (T, N, ...): run it on (N, T, ...)
             tensors = [tensors[0].movedim(moved, 0)]
@@ -388,13 +389,18 @@ class GradSampleEngine:
                 self._pass = None
             if self._pass is None:
                 self._pass, self._pass_examples, self._pass_task = {}, call.examples, task
+                self._pass_forward = call.forward
                 torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
-            elif call.examples != self._pass_examples:
+            elif not _same_forward(call, self._pass_forward, self._pass_examples):
+                # row i of one forward and row i of another need not be the same example: clipped together they
+                # would share one bound (two examples in one clip), clipped apart one example could count twice
                 raise ValueError(
-                    f"fastdp: one backward went through forwards of micro-batches of {self._pass_examples} and "
-                    f"{call.examples} examples ({self._names.get(call.module) or 'model'} was in the second). Run one "
-                    "backward per forward: sum the losses of one micro-batch only."
+                    f"fastdp: one backward went through two forwards of the model, micro-batches of "
+                    f"{self._pass_examples} and {call.examples} examples ({self._names.get(call.module) or 'model'} "
+                    "was in the second). Run one backward per forward (sum the losses of one micro-batch only), or "
+                    "pass the batches as one forward; several views of one example go in one forward with augmult."
                 )
+            self._pass_forward = self._pass_forward or call.forward
             with full_fp32():
                 for p, c in call.rule.contributions(call, saved, grad_out, call.rows_per_example):
                     self._pass.setdefault(p, []).append(c)
@@ -457,6 +463,7 @@ class GradSampleEngine:
     # ------------------------------------------------------------------ logical batch
     def pop(self) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
         """Hand the clipped sums and norms of the logical batch to the optimizer and start a new one."""
+        self._refuse_new_trainable()
         summed, self.summed, self._group_sums = self.summed, {}, {}
         norms = torch.cat(self.norms) if self.norms else torch.zeros(0)
         self.norms = []
@@ -464,6 +471,21 @@ class GradSampleEngine:
         self.nonfinite_last = _count_nonfinite(norms)
         self._nonfinite_total = self._nonfinite_total + self.nonfinite_last
         return summed, norms
+
+    def _refuse_new_trainable(self) -> None:
+        """The parameters clipped are those trainable when the engine was built (their layers wrapped, their ordinary
+        gradients guarded): one unfrozen since would train on its raw gradient, unclipped. Freezing is fine (the
+        rules and the steps read ``requires_grad`` when they run)."""
+        managed = {id(p) for p in self.params}
+        new = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in managed]
+        if new:
+            name, p = new[0]
+            raise RuntimeError(
+                f"fastdp: parameter {name!r} (shape {tuple(p.shape)}) is trainable, but was frozen when the DP "
+                f"optimizer was built{f' (and {len(new) - 1} more)' if len(new) > 1 else ''}: its layer was not "
+                "prepared for per-example gradients, so its gradient would reach the update unclipped. Set "
+                "requires_grad before building the optimizer (freezing parameters later is fine; unfreezing is not)."
+            )
 
     @property
     def nonfinite_examples(self) -> int:
@@ -523,6 +545,14 @@ class _MicroBatch:
                 )
         moved = next((p.dim for p in layout if isinstance(p, Batched) and p.dim), 0)
         return (*feed(layout, binding, self.examples * K, K), moved)
+
+
+def _same_forward(call: LayerCall, forward: _MicroBatch | None, examples: int) -> bool:
+    """Whether ``call`` belongs to the model forward a backward's pass began with: by identity where both are known
+    (the leaf hook of a container's parameter in a one-example forward knows only the size)."""
+    if call.forward is None or forward is None:
+        return call.examples == examples
+    return call.forward is forward
 
 
 def _finite(norms: torch.Tensor) -> torch.Tensor:

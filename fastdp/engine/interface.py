@@ -146,6 +146,8 @@ class LayerCall:
     consumed: bool = False
     #: N, the examples of the micro-batch this call belongs to
     examples: int = 1
+    #: the model forward this call was part of (the engine's record of it): one backward must not mix two
+    forward: Any = None
     #: m, the consecutive rows of the layer's input that belong to each example (K, or K*T for flattened tokens)
     rows_per_example: int = 1
     #: a layer with several tensor inputs: each one's rows per example in its batch dimension (None: shared, the

@@ -327,7 +327,7 @@ class OwnedParams:
     def _expanded(self, tracked: _Tracked, shape, micro, rows_per_example: int) -> torch.Tensor:
         engine = self.engine
         call = LayerCall(
-            engine, _USE_RULE, tracked._fastdp_marker, strategy="", examples=micro.examples,
+            engine, _USE_RULE, tracked._fastdp_marker, strategy="", examples=micro.examples, forward=micro,
             rows_per_example=rows_per_example, info={"tracked": tracked, "shape": shape, "plain": _plain(tracked)},
         )  # fmt: skip
         if shape[0] != micro.examples * rows_per_example:
