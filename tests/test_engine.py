@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -450,3 +451,39 @@ def test_autotuning_times_the_backward_outside_autocast(monkeypatch):
     loss.backward()
     assert len(seen) > 1 and not any(seen), seen  # the timed candidates, then the backward itself
     engine.detach()
+
+
+@pytest.mark.parametrize("kind", ["weight_norm_linear", "orthogonal_linear", "weight_norm_conv"])
+def test_parametrized_layers_are_exact_through_the_fallback(kind):
+    """A weight computed from other parameters (torch.nn.utils.parametrizations) crashed the engine with a bare
+    IndexError; the parametrized layer now runs through the torch.func fallback, exact against the float64 loop."""
+    from torch.nn.utils.parametrizations import orthogonal, weight_norm
+
+    torch.manual_seed(31)
+    if kind == "weight_norm_conv":
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(12, 2)
+        )
+        x = torch.randn(5, 2, 4, 4)
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        x = torch.randn(5, 4)
+    (orthogonal if kind == "orthogonal_linear" else weight_norm)(model[0])
+    t = torch.randn(5, 2)
+    ref, _ = reference(model, x, t, max_grad_norm=0.3)
+    with pytest.warns(UserWarning, match=r"0 \(.*\) has a parametrized weight"):
+        eng = GradSampleEngine(model, max_grad_norm=0.3)
+    row_loss(model(x), t).mean().backward()
+    summed, _ = eng.pop()
+    assert set(summed) == set(model.parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(summed[p].double(), ref[n], rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("hook", ["weight_norm", "spectral_norm"])
+def test_hook_reparametrizations_are_refused_by_name(hook):
+    """torch.nn.utils.weight_norm / spectral_norm (forward pre-hooks recomputing the weight): the rule would read the
+    weight as a plain tensor and weight_g/weight_v (weight_orig) would silently never train."""
+    layer = getattr(torch.nn.utils, hook)(torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"fc \(Linear\) has a (WeightNorm|SpectralNorm) forward pre-hook"):
+        GradSampleEngine(torch.nn.Sequential(OrderedDict(fc=layer)), max_grad_norm=1.0)

@@ -15,6 +15,9 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from fastdp.backends import resolve_backend
 from fastdp.engine.binding import Binding, CallError
@@ -164,6 +167,17 @@ class GradSampleEngine:
                 "per-example gradients (and DP-SGD's guarantee) do not exist for it. Replace it, e.g. with "
                 "fastdp.nn.replace_batchnorm(model), which swaps every BatchNorm for a GroupNorm."
             )
+        _refuse_hook_reparametrization(module, prefix)
+        if parametrize.is_parametrized(module) and any(p.requires_grad for p in module.parameters()):
+            # a weight computed from other parameters on every access (weight_norm, orthogonal, ...): the rules read
+            # the weight as a tensor, torch.func differentiates through the parametrization
+            warnings.warn(
+                f"fastdp: {prefix or 'model'} ({type(module).__name__}) has a parametrized weight "
+                "(torch.nn.utils.parametrize); its subtree goes through the exact but slow torch.func fallback.",
+                stacklevel=3,
+            )
+            self._wrap(module, fallback_rule)
+            return
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if own:
             rule = rule_for(module)
@@ -579,6 +593,22 @@ def _refuse_running_statistics(model: nn.Module) -> None:
                 "it updates running_mean/running_var from the private batch, statistics without noise that "
                 "state_dict() and every checkpoint would publish. Build it with track_running_stats=False (it then "
                 "normalises each example by its own statistics in eval mode too)."
+            )
+
+
+#: forward pre-hooks that recompute a module's weight from other parameters (the pre-parametrize API): a rule reads
+#: the recomputed weight as a plain tensor, so the parameters behind it would never get a gradient
+_HOOK_REPARAMETRIZATIONS = (WeightNorm, SpectralNorm)
+
+
+def _refuse_hook_reparametrization(module: nn.Module, name: str) -> None:
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, _HOOK_REPARAMETRIZATIONS):
+            raise ValueError(
+                f"fastdp: {name or 'model'} ({type(module).__name__}) has a {type(hook).__name__} forward pre-hook "
+                f"(torch.nn.utils.weight_norm / spectral_norm), which recomputes {hook.name!r} from other parameters: "
+                "they would never be trained. Use the same function from torch.nn.utils.parametrizations (handled "
+                "exactly), or remove it."
             )
 
 
