@@ -482,3 +482,37 @@ def test_probe_cost_is_a_few_forwards_once_per_input_shape():
     idx, t = TinyGPT.inputs(3, 6)  # another sequence length: another signature
     row_loss(model(idx), t).mean().backward()
     assert len(calls) == 2
+
+
+def test_a_one_row_first_argument_with_the_batch_in_another_is_refused():
+    """f(t, x) with t of one row: the engine reads one example and attributes every row to it, so the batch in x
+    would be clipped as one example (a review measured 0.99 off the float64 loop). Refused; with the batch first, and
+    for a true single example, it runs."""
+
+    class ODEFunc(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, t, x):
+            return self.fc(x) * t
+
+    model = ODEFunc()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match=r"first tensor argument has 1 row\(s\) in dim 0, one example, but another"):
+        model(torch.tensor([0.5]), torch.randn(3, 4))
+    model(torch.tensor([0.5]), torch.randn(1, 4)).sum().backward()
+
+    class WithTable(nn.Module):  # a shared argument larger than a one-example batch, once the batch was probed
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, table):
+            return self.fc(x) @ table.t()
+
+    model = WithTable()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    table = torch.randn(6, 4)
+    model(torch.randn(3, 4), table).sum().backward()
+    model(torch.randn(1, 4), table).sum().backward()

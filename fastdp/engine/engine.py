@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 import warnings
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
+from torch.utils._pytree import tree_flatten
 
 from fastdp.backends import resolve_backend
 from fastdp.engine.binding import Binding, CallError
@@ -294,6 +296,8 @@ class GradSampleEngine:
             )
         examples = rows // self.augmult
         if examples == 1:
+            if not self.layouts:  # no forward of several examples has shown the first argument to hold the batch
+                _refuse_larger_argument(x, (args, kwargs))
             return _MicroBatch(examples, None)  # every row belongs to the one example: nothing to attribute
         # with whether any module trains: the probe checks the training forward only then (a refusal of it says
         # nothing of an evaluation with gradients of the same shapes)
@@ -559,6 +563,22 @@ class _MicroBatch:
                 )
         moved = next((p.dim for p in layout if isinstance(p, Batched) and p.dim), 0)
         return (*feed(layout, binding, self.examples * K, K), moved)
+
+
+def _refuse_larger_argument(first: torch.Tensor, call: Any) -> None:
+    """A one-example micro-batch attributes every row of every layer to its example, unprobed. If another tensor
+    argument has more rows than the first (``f(t, x)`` with t of one row and the batch in x), the batch would be
+    clipped as one example: refused until a forward of several examples has been probed (it shows where the batch
+    is: a larger argument then is a shared one, and a Poisson batch of one example must not fail)."""
+    for t in tree_flatten(call)[0]:
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > first.shape[0]:
+            raise ValueError(
+                f"fastdp: the model's first tensor argument has {first.shape[0]} row(s) in dim 0, one example, but "
+                f"another has {t.shape[0]} (shape {tuple(t.shape)}). The engine takes the examples from dim 0 of the "
+                "first tensor argument with one; if the batch is in the other, it would be clipped as one example. "
+                "Pass the batch first (forward(x, t), not forward(t, x)), or give a single example's auxiliary "
+                "tensors to the model another way (an attribute or buffer)."
+            )
 
 
 def _same_forward(call: LayerCall, forward: _MicroBatch | None, examples: int) -> bool:
