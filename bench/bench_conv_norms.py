@@ -142,24 +142,30 @@ def _sync() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
+#: cuDNN's convolutions and cuBLAS's matmuls, through the fp32_precision API fastdp.engine.precision uses (reading
+#: the legacy allow_tf32 flags after it set these raises: "cuDNN conv and cuDNN RNN have different TF32 flags")
+_TF32_SWITCHES = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+
+
 class _tf32:
     """Set cuDNN's and cuBLAS's TF32 switches for fp32 inside the block (restored after)."""
 
     def __init__(self, conv: bool, matmul: bool) -> None:
-        self.want = (conv, matmul)
+        self.want = ("tf32" if conv else "ieee", "tf32" if matmul else "ieee")
 
     def __enter__(self):
-        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.want
+        self.saved = tuple(m.fp32_precision for m in _TF32_SWITCHES)
+        for m, v in zip(_TF32_SWITCHES, self.want, strict=True):
+            m.fp32_precision = v
 
     def __exit__(self, *exc):
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+        for m, v in zip(_TF32_SWITCHES, self.saved, strict=True):
+            m.fp32_precision = v
 
 
 def _tf32_flags() -> str:
-    return (
-        f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32} matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
-    )
+    conv, matmul = (m.fp32_precision for m in _TF32_SWITCHES)
+    return f"cudnn.conv.fp32_precision={conv} cuda.matmul.fp32_precision={matmul}"
 
 
 # ------------------------------------------------------------------------------------------------ GEMM ceiling

@@ -82,8 +82,9 @@ def _allocated() -> int:
 
 def _flags() -> str:
     return (
-        f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32} matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}"
-        f" cudnn.benchmark={torch.backends.cudnn.benchmark}"
+        f"cudnn.conv.fp32_precision={torch.backends.cudnn.conv.fp32_precision} "
+        f"cuda.matmul.fp32_precision={torch.backends.cuda.matmul.fp32_precision} "
+        f"cudnn.benchmark={torch.backends.cudnn.benchmark}"
     )
 
 
