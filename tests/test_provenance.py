@@ -516,3 +516,22 @@ def test_a_one_row_first_argument_with_the_batch_in_another_is_refused():
     table = torch.randn(6, 4)
     model(torch.randn(3, 4), table).sum().backward()
     model(torch.randn(1, 4), table).sum().backward()
+
+
+def test_activation_checkpointing_is_refused_by_name():
+    """torch.utils.checkpoint recomputes a layer inside the backward, outside any forward of the model: refused with
+    what happened, not with "call the model itself" (the user did)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(checkpoint(self.a, x, use_reentrant=False))
+
+    model = Model()
+    GradSampleEngine(model, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match=r"a \(Linear\) was called during a backward: activation checkpointing"):
+        model(torch.randn(3, 4)).sum().backward()

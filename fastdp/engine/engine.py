@@ -342,6 +342,13 @@ class GradSampleEngine:
         if self._recorder is not None:
             return self._recorder(module, binding, original, lambda out: rule.out_dims(module, out))
         micro = self._micro
+        if micro is None and torch._C._current_graph_task_id() != -1:
+            raise ValueError(
+                f"fastdp: {self._names.get(module) or 'model'} ({type(module).__name__}) was called during a backward: "
+                "activation checkpointing (torch.utils.checkpoint) recomputes layers there, which fastdp does not "
+                "support (the recomputed calls belong to no forward of the model). Remove the checkpointing around "
+                "layers with trainable parameters."
+            )
         if micro is None:
             raise ValueError(
                 f"fastdp: {self._names.get(module) or 'model'} ({type(module).__name__}) was called with gradients "
