@@ -227,11 +227,11 @@ def _settings(t: int, p: int, d: int, dtype: torch.dtype, device: torch.device, 
 
     bf16/fp16: up to 128 x 128 (linear) or 128 x 64 (conv, whose gathered patch tile needs index arithmetic per
     element) with a T step of 32; a 128 x 128 tile takes 8 warps (64 accumulators a thread), and so does a 128 x 64
-    conv tile (its index arithmetic spilled at 4 warps under Triton 3.6, 76-412 bytes on WRN and NF-ResNet layers). A p of 128 or less is
-    then one p-tile, so delta_i is read once per d-tile, from L2 after the first. fp32 (tf32x3: three TF32 MMAs on
-    split operands, twice the operand registers): 64 x 64 at 4 warps with a T step of 16. Small p or d shrink
-    their tile to the next power of two (>= 16, tl.dot's minimum). The interpreter uses the minimum tiles, so small
-    test shapes cross tile boundaries in every dimension.
+    conv tile (its index arithmetic spilled at 4 warps under Triton 3.6, 76-412 bytes on WRN and NF-ResNet layers).
+    A p of 128 or less is then one p-tile, so delta_i is read once per d-tile, from L2 after the first. fp32
+    (tf32x3: three TF32 MMAs on split operands, twice the operand registers): 64 x 64 at 4 warps with a T step of
+    16. Small p or d shrink their tile to the next power of two (>= 16, tl.dot's minimum). The interpreter uses the
+    minimum tiles, so small test shapes cross tile boundaries in every dimension.
     """
     if device.type != "cuda":
         return {"BLOCK_T": 16, "BLOCK_P": 16, "BLOCK_D": 16, "num_warps": 1}
