@@ -487,3 +487,17 @@ def test_hook_reparametrizations_are_refused_by_name(hook):
     layer = getattr(torch.nn.utils, hook)(torch.nn.Linear(3, 2))
     with pytest.raises(ValueError, match=r"fc \(Linear\) has a (WeightNorm|SpectralNorm) forward pre-hook"):
         GradSampleEngine(torch.nn.Sequential(OrderedDict(fc=layer)), max_grad_norm=1.0)
+
+
+def test_a_parameter_its_rule_does_not_know_is_refused_by_name():
+    """torch.nn.utils.prune reparametrizes a Linear's weight as weight_orig * weight_mask in a forward pre-hook: the
+    Linear rule reads the weight as a tensor and weight_orig would get no per-example gradient (noise only, silently).
+    Every trainable parameter a rule takes must leave a contribution: checked once per layer, refused by name."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(32)
+    model = torch.nn.Sequential(OrderedDict(fc=torch.nn.Linear(4, 3), out=torch.nn.Linear(3, 2)))
+    prune.l1_unstructured(model.fc, "weight", amount=0.5)
+    GradSampleEngine(model, max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match=r"fc \(Linear\): its rule \(LinearRule\) .* parameter\(s\) 'weight_orig'"):
+        row_loss(model(torch.randn(4, 4)), torch.randn(4, 2)).sum().backward()

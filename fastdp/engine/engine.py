@@ -138,6 +138,7 @@ class GradSampleEngine:
         self._pass_examples = 0
         self._pass_task = -1  # the autograd graph task (one backward call) that began the pass
         self._pass_forward = None  # the model forward its layer calls belong to
+        self._complete: set[nn.Module] = set()  # layers whose rule was seen to cover all their trainable parameters
         self._bypass = False
         self._micro: _MicroBatch | None = None
         self._depth = 0
@@ -427,11 +428,30 @@ class GradSampleEngine:
                 )
             self._pass_forward = self._pass_forward or call.forward
             with full_fp32():
-                for p, c in call.rule.contributions(call, saved, grad_out, call.rows_per_example):
-                    self._pass.setdefault(p, []).append(c)
+                contributions = call.rule.contributions(call, saved, grad_out, call.rows_per_example)
+            if call.module not in self._complete:
+                self._check_complete(call, contributions)
+            for p, c in contributions:
+                self._pass.setdefault(p, []).append(c)
         except BaseException:
             self._pass = None
             raise
+
+    def _check_complete(self, call: LayerCall, contributions: list) -> None:
+        """Once per layer: its rule left a contribution for every trainable parameter it took (a parameter the rule
+        does not know, added to the module by other code, would otherwise get noise only, silently)."""
+        if isinstance(call.rule, Rule):
+            got = {id(p) for p, _ in contributions}
+            missing = [p for p in call.rule.params(call.module) if id(p) not in got]
+            if missing:
+                names = {id(p): n for n, p in call.module.named_parameters()}
+                raise RuntimeError(
+                    f"fastdp: {self._names.get(call.module) or 'model'} ({type(call.module).__name__}): its rule "
+                    f"({type(call.rule).__name__}) computed no per-example gradient for its trainable parameter(s) "
+                    f"{', '.join(repr(names.get(id(p), '?')) for p in missing)}; they would never be trained. Freeze "
+                    "them, or give the module a rule that knows them (fastdp.rules.register_rule)."
+                )
+        self._complete.add(call.module)
 
     def _finalize(self) -> None:
         contributions, examples = self._pass, self._pass_examples
