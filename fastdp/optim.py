@@ -261,9 +261,11 @@ class DPOptimizer(torch.optim.Optimizer):
             step, examples, read = self._nonfinite_reads.popleft()
             if read.value() == examples:
                 warnings.warn(
-                    f"fastdp: step {step}: all {examples} examples of the logical batch had a non-finite gradient "
-                    "(NaN/inf data or an overflow) and contributed zero: the step was noise only. Check the data and "
-                    "the loss scale (e.g. bf16/fp16 overflow, a learning rate that diverged).",
+                    # without the count: the size of a Poisson batch is private (it is in no released output),
+                    # and run logs keep warnings
+                    f"fastdp: step {step}: every example of the logical batch had a non-finite gradient (NaN/inf "
+                    "data or an overflow) and contributed zero: the step was noise only. Check the data and the loss "
+                    "scale (e.g. bf16/fp16 overflow, a learning rate that diverged).",
                     stacklevel=4,  # the caller of step(), past torch.no_grad's wrapper
                 )
 

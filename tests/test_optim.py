@@ -146,7 +146,9 @@ def test_nonfinite_example_never_reaches_parameters():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_all_nonfinite_batch_warns_with_the_count(backend):
+def test_all_nonfinite_batch_warns_without_the_batch_size(backend):
+    """The warning names the step, not how many examples the batch held: a Poisson batch's size is private, and run
+    logs keep warnings (a review found fastdp-train's logs publishing it). The count stays readable on request."""
     torch.manual_seed(13)
     model = Conv2dNet()
     opt = fastdp.DPSGD(
@@ -160,8 +162,9 @@ def test_all_nonfinite_batch_warns_with_the_count(backend):
     x[:] = float("nan")
     for half in (x[:2], x[2:]):  # over two micro-batches
         row_loss(model(half), t[: len(half)]).mean().backward()
-    with pytest.warns(UserWarning, match="step 2: all 3 examples .* non-finite"):
+    with pytest.warns(UserWarning, match="step 2: every example of the logical batch had a non-finite") as caught:
         opt.step()
+    assert not any("3" in str(w.message).replace("step 2", "") for w in caught)
     assert opt.nonfinite_last_batch == 3 and opt.nonfinite_examples == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
