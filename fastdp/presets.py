@@ -95,13 +95,14 @@ class TrainConfig:
     crop_padding: int = _opt(0, "random crops after zero-padding by this many pixels (0: no crop)")
     flip: bool = _opt(False, "random horizontal flips")
     # run
-    seed: int = _opt(0, "seed of the model's initialisation and the augmentation (>= 0)")
-    # seeds the Poisson sampling and the noise. None (default): drawn from OS entropy, because anyone who knew it
-    # could tell which examples each step used and subtract the noise. Fix it only for tests and debugging.
+    seed: int = _opt(0, "seed of the model's initialisation (>= 0); the augmentation draws from the secret seed")
+    # seeds the Poisson sampling, the noise, the augmentation and dropout. None (default): drawn from OS entropy,
+    # because anyone who knew it could tell which examples each step used and subtract the noise. Fix it only for
+    # tests and debugging.
     secret_seed: int | None = _opt(
         None,
-        "seed of the Poisson sampling and the noise; none: OS entropy. Anyone who knows it can tell which "
-        "examples each step used and subtract the noise: fix it only for tests and debugging",
+        "seed of the Poisson sampling, the noise, the augmentation and dropout; none: OS entropy. Anyone who knows it "
+        "can tell which examples each step used and subtract the noise: fix it only for tests and debugging",
     )
     device: str = _opt("cpu", "cpu, cuda or cuda:<index>")
     amp: str = _opt("none", "autocast of the forward and backward (the clipping stays in fp32)", AMPS)

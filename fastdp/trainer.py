@@ -52,15 +52,20 @@ _OPTIMIZERS = {
 }
 
 
-def _seeds(seed: int, secret: int, rank: int = 0) -> dict[str, int]:
-    """Independent seeds: augmentation and torch's global RNG (stochastic depth) from ``seed``, per rank; the Poisson
-    sampler and the noise from ``secret``, the same on every rank. The DP analysis assumes the noise independent of
-    the sampling (two generators seeded alike would not be) and both unknown to an adversary."""
+def _seeds(secret: int, rank: int = 0) -> dict[str, int]:
+    """Independent seeds, all from ``secret``: the Poisson sampler and the noise, the same on every rank;
+    augmentation and torch's global RNG (dropout, stochastic depth), per rank. The DP analysis assumes the noise
+    independent of the sampling (two generators seeded alike would not be) and every one of them unknown to an
+    adversary: the augmentations and masks are drawn in one stream in batch order, so with a known seed the removal of
+    one example would change which views every later example gets, and the clipped sum in many terms, not one (a
+    review found the augmentation seeded from the public ``--seed``). The model's initialisation alone uses ``--seed``:
+    it does not depend on the data."""
+    children = np.random.SeedSequence(secret).spawn(4)
     out = {}
-    for k, c in zip(("augment", "torch"), np.random.SeedSequence(seed).spawn(2), strict=True):
-        out[k] = int(np.random.SeedSequence([int(c.generate_state(1)[0]), rank]).generate_state(1, np.uint64)[0] >> 1)
-    for k, c in zip(("sampler", "noise"), np.random.SeedSequence(secret).spawn(2), strict=True):
+    for k, c in zip(("sampler", "noise"), children[:2], strict=True):
         out[k] = int(c.generate_state(1, dtype=np.uint64)[0] >> 1)
+    for k, c in zip(("augment", "torch"), children[2:], strict=True):
+        out[k] = int(np.random.SeedSequence([int(c.generate_state(1)[0]), rank]).generate_state(1, np.uint64)[0] >> 1)
     return out
 
 
@@ -226,7 +231,7 @@ def _setup(cfg: TrainConfig, preset: str, resume: dict | None) -> _Run:
     device = torch.device(device_name)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seeds = _seeds(cfg.seed, _secret_seed(cfg, world), rank)
+    seeds = _seeds(_secret_seed(cfg, world), rank)
     torch.manual_seed(cfg.seed)  # the model's initialisation (rank 0's is broadcast anyway)
 
     train_data, test_data = load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size)

@@ -310,3 +310,18 @@ def test_the_run_is_collected_before_the_process_exits(tmp_path, monkeypatch):
         assert made and all(ref() is None for ref in made), "the run's optimizer outlives fastdp-train's main"
     finally:
         gc.enable()
+
+
+def test_every_generator_of_a_step_draws_from_the_secret_seed():
+    """Sampling, noise, augmentation and dropout all come from the secret seed (none from --seed): augmentations
+    drawn in batch order from a known seed would let the removal of one example change every later example's views
+    (a review's finding). Sampling and noise are the same on every rank, augmentation and dropout differ per rank;
+    the streams are independent of each other."""
+    from fastdp.trainer import _seeds
+
+    a, b = _seeds(1), _seeds(2)
+    assert _seeds(1) == a and all(a[k] != b[k] for k in a)
+    assert len(set(a.values())) == 4
+    other_rank = _seeds(1, rank=1)
+    assert (other_rank["sampler"], other_rank["noise"]) == (a["sampler"], a["noise"])
+    assert other_rank["augment"] != a["augment"] and other_rank["torch"] != a["torch"]
