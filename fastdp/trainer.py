@@ -238,6 +238,13 @@ def _setup(cfg: TrainConfig, preset: str, resume: dict | None) -> _Run:
     n = len(train_data)
     if cfg.batch_size > n:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the training set ({n} examples)")
+    if cfg.delta >= 1.0 / n:
+        # (epsilon, delta) with delta >= 1/N allows publishing a random example outright; PLD calibration at such a
+        # delta also ran for minutes without a word (a review's finding)
+        raise UsageError(
+            f"--delta {cfg.delta:g} is not below 1/N = {1.0 / n:.3g} for the {n} training examples: such a guarantee "
+            "allows publishing an example outright; choose it well below 1/N (e.g. 1e-5 for N of about 50k)"
+        )
     q = cfg.batch_size / n
     planned = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs / q))
 

@@ -97,6 +97,7 @@ def test_training_stops_before_it_would_exceed_the_target_epsilon(tmp_path, caps
         (["--preset", "no-such-preset"], "unknown preset"),
         (["--epsilon", "0"], "--epsilon must be > 0"),
         (["--batch-size", "100000"], "larger than the training set"),
+        (["--delta", "0.5"], "is not below 1/N"),  # PLD calibration ran for minutes at such a delta
         (["--model", "no-such-model"], "no-such-model"),
         (["--dataset", "cifar10", "--data-root", "/nonexistent/fastdp-data"], "/nonexistent/fastdp-data"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--augmult", "0"], "--"),
